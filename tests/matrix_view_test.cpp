@@ -1,0 +1,47 @@
+#include <catch2/catch.hpp>
+
+#include <vector>
+
+#include "adalora/backend.hpp"
+#include "adalora/matrix_view.hpp"
+
+using adalora::index_t;
+
+TEMPLATE_TEST_CASE("raw row- and column-major buffers index the same logical matrix", "[view]",
+                   float, double) {
+  std::vector<TestType> rm = {1, 2, 3, 4, 5, 6};  // 2 x 3, C order
+  std::vector<TestType> cm = {1, 4, 2, 5, 3, 6};  // the same matrix, Fortran order
+  auto a = adalora::make_matrix_view(rm.data(), 2, 3);
+  auto b = adalora::make_matrix_view(cm.data(), 2, 3, adalora::layout::col_major);
+  REQUIRE(a.is_row_major_contiguous());
+  REQUIRE(b.is_col_major_contiguous());
+  for (index_t i = 0; i < 2; ++i)
+    for (index_t j = 0; j < 3; ++j) REQUIRE(a(i, j) == b(i, j));
+  REQUIRE(a.transposed()(2, 1) == 6);
+  REQUIRE(a.row(1)[2] == 6);
+  REQUIRE(b.col(2)[0] == 3);
+  REQUIRE(a.block(1, 1, 1, 2)(0, 1) == 6);
+  adalora::matrix_view<const TestType> c = a;  // const conversion keeps the pointer
+  REQUIRE(c.data() == rm.data());
+}
+
+TEST_CASE("checked factories reject bad extents with a message naming the function", "[view]") {
+  float x = 0;
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, -1, 2),
+                      Catch::Contains("make_matrix_view") && Catch::Contains("-1"));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(static_cast<float*>(nullptr), 2, 2),
+                      Catch::Contains("null"));
+  REQUIRE_THROWS_WITH(adalora::make_vector_view(&x, -3), Catch::Contains("-3"));
+  REQUIRE_NOTHROW(adalora::make_matrix_view(static_cast<float*>(nullptr), 0, 5));
+}
+
+TEST_CASE("std containers are viewed zero-copy as vectors", "[view]") {
+  std::vector<double> v(5, 1.0);
+  auto view = adalora::as_vector(v);
+  REQUIRE(view.data() == v.data());
+  REQUIRE(view.size() == 5);
+  const std::vector<double>& cv = v;
+  STATIC_REQUIRE(std::is_same_v<decltype(adalora::as_vector(cv)), adalora::vector_view<const double>>);
+  std::span<double> s(v);
+  REQUIRE(adalora::as_vector(s).data() == v.data());
+}
