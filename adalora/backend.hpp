@@ -85,7 +85,7 @@ constexpr auto as_matrix(X&& x) {
   static_assert(!detail::is_lazy_expression<X>(),
                 "adalora::as_matrix: this is a lazy expression (such as 2*A, A+B or an "
                 "xt::xfunction) with no memory to view; evaluate it into a matrix first");
-  static_assert(MatrixViewable<X>,
+  static_assert(detail::is_lazy_expression<X>() || MatrixViewable<X>,
                 "adalora::as_matrix: no view for this type; include its integration header "
                 "(adalora/integrations/eigen.hpp, .../xtensor.hpp), specialise "
                 "adalora::view_traits<T>, or provide adalora_matrix_view(T&) found by ADL");
@@ -94,8 +94,10 @@ constexpr auto as_matrix(X&& x) {
                 "view would dangle); keep the tensor in a named variable");
   if constexpr (detail::has_adl_matrix<X>)
     return adalora_matrix_view(x);
-  else
+  else if constexpr (detail::has_traits_matrix<X>)
     return view_traits<std::remove_cvref_t<X>>::matrix(x);
+  else
+    return matrix_view<float>();  // unreachable: a static_assert above has already failed
 }
 
 /// A zero-copy vector view of `x`. A matrix with one column or one row is accepted as a vector
@@ -105,7 +107,7 @@ constexpr auto as_vector(X&& x) {
   static_assert(!detail::is_lazy_expression<X>(),
                 "adalora::as_vector: this is a lazy expression (such as 2*v, a+b or an "
                 "xt::xfunction) with no memory to view; evaluate it first");
-  static_assert(VectorViewable<X> || MatrixViewable<X>,
+  static_assert(detail::is_lazy_expression<X>() || VectorViewable<X> || MatrixViewable<X>,
                 "adalora::as_vector: no view for this type; include its integration header "
                 "(adalora/integrations/eigen.hpp, .../xtensor.hpp), specialise "
                 "adalora::view_traits<T>, or provide adalora_vector_view(T&) found by ADL");
@@ -116,12 +118,14 @@ constexpr auto as_vector(X&& x) {
     return adalora_vector_view(x);
   } else if constexpr (detail::has_traits_vector<X>) {
     return view_traits<std::remove_cvref_t<X>>::vector(x);
-  } else {
+  } else if constexpr (MatrixViewable<X>) {
     const auto m = as_matrix(std::forward<X>(x));
     ADALORA_REQUIRE(m.cols() == 1 || m.rows() == 1, "as_vector",
                     "a matrix viewed as a vector must have one column or one row, got ",
                     m.rows(), " x ", m.cols());
     return m.cols() == 1 ? m.col(0) : m.row(0);
+  } else {
+    return vector_view<float>();  // unreachable: a static_assert above has already failed
   }
 }
 

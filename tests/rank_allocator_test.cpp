@@ -1,0 +1,234 @@
+// Behaviour of rank_allocator beyond the reference run: ties, zero ranks, validation, policies.
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "adalora/budget_schedule.hpp"
+#include "adalora/importance/magnitude.hpp"
+#include "adalora/importance/sensitivity.hpp"
+#include "adalora/rank_allocator.hpp"
+
+namespace {
+
+using adalora::index_t;
+
+/// Row-major storage for one adapter's parameters and gradients.
+template <class T>
+struct adapter_storage {
+  index_t in, out, r;
+  std::vector<T> A, E, B, gA, gE, gB;
+  adapter_storage(index_t in_, index_t out_, index_t r_)
+      : in(in_), out(out_), r(r_),
+        A(static_cast<std::size_t>(r_ * in_), T(1)), E(static_cast<std::size_t>(r_), T(1)),
+        B(static_cast<std::size_t>(out_ * r_), T(1)), gA(A.size(), T(0)), gE(E.size(), T(0)),
+        gB(B.size(), T(0)) {}
+  adalora::adapter_tensors<T> tensors() {
+    return {{adalora::make_matrix_view(A.data(), r, in), adalora::vector_view<T>(E.data(), r),
+             adalora::make_matrix_view(B.data(), out, r)},
+            {adalora::make_matrix_view<const T>(gA.data(), r, in),
+             adalora::vector_view<const T>(gE.data(), r),
+             adalora::make_matrix_view<const T>(gB.data(), out, r)}};
+  }
+};
+
+/// A schedule that always masks to a fixed budget (a user-defined BudgetSchedule).
+struct fixed_budget {
+  std::int64_t b0, budget, final_start = 1'000'000;
+  adalora::budget_decision at(std::int64_t) const { return {budget, true}; }
+  std::int64_t initial_budget() const { return b0; }
+  std::int64_t target_budget() const { return budget; }
+  std::int64_t final_phase_start() const { return final_start; }
+};
+static_assert(adalora::BudgetSchedule<fixed_budget>);
+
+template <class T>
+std::vector<adalora::adapter_tensors<T>> tensors_of(std::vector<adapter_storage<T>>& s) {
+  std::vector<adalora::adapter_tensors<T>> v;
+  for (auto& a : s) v.push_back(a.tensors());
+  return v;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("ties at the threshold: references prune them all, exact_budget keeps budget",
+                   "[allocator][ties]", float, double) {
+  // Two identical adapters (one an exact clone of the other) under |λ| importance: every score
+  // appears twice, so at budget 3 (k = 5 of 8) the threshold value is shared by a pair.
+  std::vector<adapter_storage<TestType>> s;
+  s.emplace_back(3, 2, 4);
+  s.emplace_back(3, 2, 4);
+  for (auto& a : s) a.E = {TestType(4), TestType(3), TestType(2), TestType(1)};
+  auto views = tensors_of(s);
+  const std::vector<adalora::adapter_shape> shapes = {{"a", 3, 2, 4}, {"b", 3, 2, 4}};
+
+  SECTION("prune_all_ties (PEFT and loralib)") {
+    adalora::rank_allocator<TestType, adalora::magnitude, fixed_budget> alloc(
+        shapes, fixed_budget{8, 3}, {}, {.ties = adalora::tie_policy::prune_all_ties});
+    const auto& r = alloc.step(0, views);
+    // Sorted scores 1,1,2,2,3,3,4,4; the 5th smallest is 3; everything <= 3 is pruned.
+    REQUIRE(r.threshold == TestType(3));
+    REQUIRE(r.kept_total == 2);  // fewer than the budget of 3, never more
+    REQUIRE(s[0].E == std::vector<TestType>{4, 0, 0, 0});
+    REQUIRE(s[1].E == std::vector<TestType>{4, 0, 0, 0});
+  }
+  SECTION("exact_budget keeps exactly budget, earlier adapters first among ties") {
+    adalora::rank_allocator<TestType, adalora::magnitude, fixed_budget> alloc(
+        shapes, fixed_budget{8, 3}, {}, {.ties = adalora::tie_policy::exact_budget});
+    const auto& r = alloc.step(0, views);
+    REQUIRE(r.kept_total == 3);
+    REQUIRE(r.threshold == TestType(3));
+    REQUIRE(s[0].E == std::vector<TestType>{4, 3, 0, 0});
+    REQUIRE(s[1].E == std::vector<TestType>{4, 0, 0, 0});
+  }
+}
+
+TEMPLATE_TEST_CASE("adapters of rank 0 and adapters pruned to rank 0 work", "[allocator]", float,
+                   double) {
+  std::vector<adapter_storage<TestType>> s;
+  s.emplace_back(4, 3, 2);
+  s.emplace_back(5, 2, 0);  // rank 0 from the start (PEFT allows r = 0 after resize)
+  s.emplace_back(2, 6, 3);
+  s[0].E = {TestType(5), TestType(6)};
+  s[2].E = {TestType(0.5), TestType(0.25), TestType(0.125)};
+  auto views = tensors_of(s);
+  adalora::rank_allocator<TestType, adalora::magnitude, fixed_budget> alloc(
+      {{"x", 4, 3, 2}, {"empty", 5, 2, 0}, {"y", 2, 6, 3}}, fixed_budget{5, 2});
+  const auto& r = alloc.step(0, views);
+  REQUIRE(std::vector<index_t>(r.kept.begin(), r.kept.end()) == std::vector<index_t>{2, 0, 0});
+  REQUIRE(s[2].E == std::vector<TestType>{0, 0, 0});
+  REQUIRE(alloc.pattern().at("empty").kept.empty());
+  REQUIRE(alloc.pattern().at("y").kept_count() == 0);
+}
+
+TEMPLATE_TEST_CASE("a budget equal to the initial budget prunes nothing (k = 0, peft#2337)",
+                   "[allocator]", float, double) {
+  std::vector<adapter_storage<TestType>> s;
+  s.emplace_back(2, 2, 2);
+  auto views = tensors_of(s);
+  adalora::rank_allocator<TestType, adalora::magnitude, fixed_budget> alloc({{"a", 2, 2, 2}},
+                                                                           fixed_budget{2, 2});
+  const auto& r = alloc.step(0, views);
+  REQUIRE(r.k == 0);
+  REQUIRE(r.kept_total == 2);
+  REQUIRE(r.threshold == -std::numeric_limits<TestType>::infinity());
+  REQUIRE(s[0].E == std::vector<TestType>{1, 1});
+}
+
+TEMPLATE_TEST_CASE("triplet score is s(E) + (mean over in of s(A) + mean over out of s(B))",
+                   "[allocator]", float, double) {
+  // parameter_magnitude scores |w|; with A, E, B of known values the triplet scores follow.
+  std::vector<adapter_storage<TestType>> s;
+  s.emplace_back(2, 4, 2);
+  auto& a = s[0];
+  a.A = {1, 3, /**/ 2, 2};                          // row means 2 and 2
+  a.E = {TestType(0.5), TestType(-1)};              // |E| 0.5 and 1
+  a.B = {1, -4, /**/ 1, 0, /**/ 1, 0, /**/ 1, 0};   // column means 1 and 1
+  auto views = tensors_of(s);
+  adalora::rank_allocator<TestType, adalora::parameter_magnitude, fixed_budget> alloc(
+      {{"a", 2, 4, 2}}, fixed_budget{2, 1});
+  alloc.step(0, views);
+  const auto scores = alloc.triplet_scores();
+  REQUIRE(scores[0] == TestType(0.5 + (2.0 + 1.0)));
+  REQUIRE(scores[1] == TestType(1.0 + (2.0 + 1.0)));
+  REQUIRE(a.E[0] == TestType(0));     // the lower score is pruned
+  REQUIRE(a.E[1] == TestType(-1));
+  REQUIRE(a.A[0] == TestType(1));     // A and B untouched
+  REQUIRE(a.B[1] == TestType(-4));
+}
+
+TEST_CASE("the allocator validates its construction and every step", "[allocator][errors]") {
+  using alloc_t = adalora::rank_allocator<double, adalora::magnitude, fixed_budget>;
+  REQUIRE_THROWS_WITH(alloc_t({}, fixed_budget{0, 0}),
+                      Catch::Contains("rank_allocator") && Catch::Contains("at least one adapter"));
+  REQUIRE_THROWS_WITH(alloc_t({{"a", 3, 3, 4}}, fixed_budget{5, 2}),
+                      Catch::Contains("initial budget") && Catch::Contains("4") &&
+                          Catch::Contains("5"));
+  REQUIRE_THROWS_WITH(alloc_t({{"a", 0, 3, 4}}, fixed_budget{4, 2}),
+                      Catch::Contains("in_features >= 1"));
+  REQUIRE_THROWS_WITH(alloc_t({{"a", 3, 3, -1}}, fixed_budget{-1, 0}),
+                      Catch::Contains("rank >= 0") && Catch::Contains("-1"));
+
+  std::vector<adapter_storage<double>> s;
+  s.emplace_back(3, 2, 2);
+  auto views = tensors_of(s);
+  alloc_t alloc({{"a", 3, 2, 2}}, fixed_budget{2, 1});
+
+  SECTION("wrong number of adapters") {
+    std::vector<adalora::adapter_tensors<double>> none;
+    REQUIRE_THROWS_WITH(alloc.step(0, none), Catch::Contains("expected 1 adapters") &&
+                                                 Catch::Contains("got 0"));
+  }
+  SECTION("shape mismatch, nothing changed") {
+    auto bad = views;
+    bad[0].params.A = adalora::make_matrix_view(s[0].A.data(), 2, 2);
+    REQUIRE_THROWS_WITH(alloc.step(0, bad), Catch::Contains("rank_allocator::step") &&
+                                                Catch::Contains("A must be 2 x 3") &&
+                                                Catch::Contains("got 2 x 2"));
+    auto bad_grad = views;
+    bad_grad[0].grads.B = adalora::make_matrix_view<const double>(s[0].gB.data(), 1, 2);
+    REQUIRE_THROWS_WITH(alloc.step(0, bad_grad), Catch::Contains("gradient of B must be 2 x 2"));
+    REQUIRE(alloc.last_step() == -1);
+    REQUIRE(s[0].E == std::vector<double>{1, 1});
+  }
+  SECTION("steps must increase") {
+    alloc.step(3, views);
+    REQUIRE_THROWS_WITH(alloc.step(3, views), Catch::Contains("must increase") &&
+                                                  Catch::Contains("got 3 after 3"));
+    REQUIRE_THROWS_WITH(alloc.step(2, views), Catch::Contains("got 2 after 3"));
+    REQUIRE_THROWS_WITH(alloc.step(-1, views), Catch::Contains(">= 0"));
+  }
+  SECTION("a schedule budget out of range") {
+    adalora::rank_allocator<double, adalora::magnitude, fixed_budget> over(
+        {{"a", 3, 2, 2}}, fixed_budget{2, 3});
+    REQUIRE_THROWS_WITH(over.step(0, views), Catch::Contains("budget 3") &&
+                                                 Catch::Contains("[0, 2]"));
+  }
+}
+
+TEMPLATE_TEST_CASE("a non-finite gradient is reported, never silently ranked", "[allocator][errors]",
+                   float, double) {
+  std::vector<adapter_storage<TestType>> s;
+  s.emplace_back(3, 2, 2);
+  s[0].gB[1] = std::numeric_limits<TestType>::quiet_NaN();
+  auto views = tensors_of(s);
+  adalora::rank_allocator<TestType, adalora::sensitivity, fixed_budget> alloc(
+      {{"layer.q", 3, 2, 2}}, fixed_budget{2, 1});
+  REQUIRE_THROWS_WITH(alloc.step(0, views), Catch::Contains("non-finite") &&
+                                                Catch::Contains("layer.q") &&
+                                                Catch::Contains("tensor B"));
+  REQUIRE(s[0].E == std::vector<TestType>{1, 1});  // no mask applied from a poisoned score
+}
+
+TEST_CASE("the communicator sums the partial triplet sums once per mask event", "[allocator]") {
+  struct counting_comm {
+    int* calls;
+    std::size_t* size;
+    void all_reduce_sum(std::span<double> v) {
+      ++*calls;
+      *size = v.size();
+    }
+  };
+  int calls = 0;
+  std::size_t size = 0;
+  std::vector<adapter_storage<double>> s;
+  s.emplace_back(3, 2, 2);
+  s.emplace_back(4, 4, 3);
+  auto views = tensors_of(s);
+  adalora::cubic_schedule sched({.initial_budget = 5, .target_budget = 2, .total_step = 10,
+                                 .tinit = 1, .tfinal = 2, .delta_t = 2});
+  adalora::rank_allocator<double, adalora::sensitivity, adalora::cubic_schedule, counting_comm>
+      alloc({{"a", 3, 2, 2}, {"b", 4, 4, 3}}, sched, {}, {}, counting_comm{&calls, &size});
+  int masks = 0;
+  for (std::int64_t t = 0; t < 10; ++t) {
+    const auto& r = alloc.step(t, views);
+    masks += r.action == adalora::mask_action::threshold ? 1 : 0;
+  }
+  REQUIRE(masks >= 2);
+  REQUIRE(calls == masks);
+  REQUIRE(size == 3 * 5);  // three partial sums per triplet, never parameters or state
+}
