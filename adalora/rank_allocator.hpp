@@ -3,14 +3,18 @@
 // and zero the singular values of the least important triplets across all adapters.
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -18,6 +22,7 @@
 #include "adalora/budget_schedule.hpp"
 #include "adalora/communicator.hpp"
 #include "adalora/config.hpp"
+#include "adalora/detail/task_pool.hpp"
 #include "adalora/importance/metric.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
 #include "adalora/matrix_view.hpp"
@@ -57,9 +62,29 @@ enum class tie_policy : std::uint8_t {
   exact_budget,
 };
 
+/// What a step does with elements whose parameter or gradient is NaN or infinite. Whatever the
+/// policy, such values never reach the scores or the threshold, and step_result::non_finite
+/// counts them.
+enum class non_finite_policy : std::uint8_t {
+  /// (default) Those elements' importance state stays as it was and they are scored from it; the
+  /// rest of the step goes on. Costs nothing extra: it is checked in the same pass.
+  ignore_elements,
+  /// Like a mixed-precision GradScaler: if any element is non-finite, the step changes nothing
+  /// (no importance update, no mask, the step number is still consumed) and reports skipped.
+  /// Costs one extra read of the parameters and gradients per step.
+  skip_step,
+  /// Throw std::domain_error naming the adapter and tensor; the allocator is left unchanged
+  /// (the step may be retried). Costs one extra read, like skip_step.
+  throw_error,
+};
+
 struct allocator_options {
   final_phase semantics = final_phase::peft;
   tie_policy ties = tie_policy::prune_all_ties;
+  non_finite_policy non_finite = non_finite_policy::ignore_elements;
+  /// Threads that step() uses, the caller's included (>= 1). Results do not depend on it: every
+  /// sum is formed in a fixed order whatever thread runs it. Idle threads sleep, never spin.
+  unsigned threads = 1;
 };
 
 /// The views the allocator needs of one adapter at a step: its parameters (after the optimizer
@@ -87,10 +112,12 @@ struct step_result {
   bool importance_updated = false;  ///< true iff step < T − tfinal
   bool forced = false;              ///< PEFT's force mask at T − tfinal
   mask_action action = mask_action::none;
-  T threshold = T(0);               ///< the k-th smallest triplet score (action == threshold)
+  bool skipped = false;             ///< non_finite_policy::skip_step skipped this step
+  double threshold = 0;             ///< the k-th smallest triplet score (action == threshold)
   std::int64_t k = 0;               ///< triplets asked to prune, initial budget − budget
   std::span<const index_t> kept;    ///< kept triplets per adapter under the current pattern
   index_t kept_total = 0;
+  std::int64_t non_finite = 0;      ///< elements with a NaN/infinite parameter or gradient
 };
 
 /// Global top-b rank allocation across adapters (paper Alg. 1; PEFT RankAllocator and
@@ -103,10 +130,22 @@ struct step_result {
 ///  3. if a mask is due: triplet scores S_i = s(E_i) + (mean_j s(A_ij) + mean_j s(B_ji)) over
 ///     all adapters, k = b0 − budget, threshold = the k-th smallest S, E_i = 0 where S_i <= it
 ///     (A and B are never touched: masking is soft until the final phase).
+///
+/// How a step is split (for scale-out, see communicator.hpp): one pass over memory updates the
+/// state and forms three partial sums per triplet (s(E_i), Σ_j s(A_ij), Σ_j s(B_ji)); the
+/// communicator sums them across processes; scores, threshold and mask follow from the sums
+/// alone, identically on every process. Sums are formed in double in a fixed order (eight lanes
+/// along a row of A; B in blocks of rows combined in block order), so results are the same for
+/// every thread count.
+///
+/// Scores are ranked in double. Where the float score fits a float, it is first rounded to T
+/// exactly as the references round it (E + (mean A + mean B) in T), so f32 mask decisions follow
+/// torch's; only scores beyond T's range (which torch would turn into inf) keep their double.
+///
 /// Guarantees: all memory is allocated at construction, so step() never allocates; adapters of
-/// any shapes and initial ranks (including rank 0); the caller's tensors are only viewed.
-/// Thread safety: a rank_allocator is not shared between threads while step() runs; distinct
-/// allocators are independent.
+/// any shapes and initial ranks (including rank 0); the caller's tensors are only viewed, and
+/// only E is written. Thread safety: one allocator must not be used by two threads at once;
+/// distinct allocators are independent (each owns its worker threads).
 template <class T, class Metric = smoothed_sensitivity, class Schedule = cubic_schedule,
           class Comm = single_process>
 class rank_allocator {
@@ -122,7 +161,8 @@ class rank_allocator {
                 "`void all_reduce_sum(std::span<double>)`");
 
   static constexpr std::size_t K = Metric::state_size;
-  static constexpr index_t scratch_chunk = 512;  // elements scored per inner loop (2-4 KiB)
+  static constexpr index_t scratch_chunk = 512;     // elements scored per inner loop (L1-sized)
+  static constexpr index_t task_elements = 1 << 15;  // elements per task, for threads
 
  public:
   using element_type = T;
@@ -138,6 +178,8 @@ class rank_allocator {
         comm_(std::move(comm)) {
     constexpr const char* where = "rank_allocator";
     ADALORA_REQUIRE(!shapes_.empty(), where, "needs at least one adapter, got none");
+    ADALORA_REQUIRE(options_.threads >= 1, where, "options.threads must be >= 1, got ",
+                    options_.threads);
     std::int64_t b0 = 0;
     std::size_t elements = 0;
     triplet_offset_.reserve(shapes_.size() + 1);
@@ -163,20 +205,23 @@ class rank_allocator {
     const auto n = static_cast<std::size_t>(b0);
     state_.assign(elements * K, T(0));
     partials_.assign(3 * n, 0.0);
-    scratch_.assign(static_cast<std::size_t>(scratch_chunk), T(0));
-    scores_.assign(n, T(0));
-    select_.assign(n, T(0));
+    scores_.assign(n, 0.0);
+    select_.assign(n, 0.0);
     if (options_.ties == tie_policy::exact_budget) order_.assign(n, 0);
     kept_mask_.assign(n, 1);
     kept_.resize(shapes_.size());
     for (std::size_t a = 0; a < shapes_.size(); ++a) kept_[a] = shapes_[a].rank;
     result_.kept = kept_;
     result_.kept_total = static_cast<index_t>(b0);
+    plan_tasks();
+    if (options_.threads > 1) pool_ = std::make_unique<detail::task_pool>(options_.threads);
   }
 
   /// Runs one allocator step; see the class comment. Throws std::invalid_argument on a step
-  /// that does not increase or on views that do not match the adapters' shapes (nothing is
-  /// changed then), and std::domain_error on a non-finite importance score.
+  /// that does not increase or on views that do not match the adapters' shapes, and (with
+  /// non_finite_policy::throw_error) std::domain_error on a NaN/infinite parameter or gradient;
+  /// the allocator is unchanged then. Throws std::domain_error if the metric itself returns a
+  /// non-finite or negative score for finite input (a broken metric).
   const step_result<T>& step(std::int64_t t, std::span<const adapter_tensors<T>> adapters) {
     constexpr const char* where = "rank_allocator::step";
     ADALORA_REQUIRE(t >= 0, where, "step must be >= 0, got ", t);
@@ -186,30 +231,49 @@ class rank_allocator {
 
     const std::int64_t final_start = schedule_.final_phase_start();
     const bool update = t < final_start;
-    if constexpr (detail::has_begin_step<Metric>)
-      if (update) metric_.begin_step(t);
-
     const budget_decision decision = schedule_.at(t);
     ADALORA_REQUIRE(decision.budget >= 0 && decision.budget <= initial_budget(), where,
                     "the schedule returned budget ", decision.budget, " at step ", t,
                     "; it must be in [0, ", initial_budget(), "]");
 
+    // Policies that must not change anything on bad input look before they touch anything.
+    std::int64_t non_finite = 0;
+    if (options_.non_finite != non_finite_policy::ignore_elements) {
+      non_finite = run_pass(adapters, pass::check);
+      if (non_finite > 0 && options_.non_finite == non_finite_policy::throw_error)
+        throw std::domain_error(detail::concat(
+            "adalora::rank_allocator::step: ", non_finite,
+            " parameter or gradient values are NaN or infinite at step ", t, " (first in ",
+            first_non_finite_, "); nothing was changed (non_finite_policy::throw_error)"));
+    }
+
     step_result<T>& r = result_;
     r.step = t;
     r.budget = decision.budget;
     r.mask_due = decision.mask;
-    r.importance_updated = update;
+    r.importance_updated = false;
     r.forced = false;
+    r.skipped = false;
     r.action = mask_action::none;
-    r.threshold = T(0);
+    r.threshold = 0;
     r.k = 0;
+    r.non_finite = non_finite;
+    last_step_ = t;
+    if (non_finite > 0 && options_.non_finite == non_finite_policy::skip_step) {
+      r.skipped = true;
+      return r;
+    }
+
+    if constexpr (detail::has_begin_step<Metric>)
+      if (update) metric_.begin_step(t);
+    r.importance_updated = update;
 
     if (options_.semantics == final_phase::peft && t >= final_start) {
       if (!force_masked_) {
         // PEFT masks once with frozen scores at T − tfinal (also when that step is not a
         // multiple of deltaT), keeps the pattern, and resets the importance state.
         r.forced = true;
-        importance_pass<true>(adapters);
+        r.non_finite = run_pass(adapters, pass::frozen);
         mask_to_budget(adapters, decision.budget);
         reset_state();
         force_masked_ = true;
@@ -218,17 +282,16 @@ class rank_allocator {
         r.action = mask_action::pattern;
       }
     } else if (update) {
-      importance_pass<false>(adapters);
+      r.non_finite = run_pass(adapters, pass::update);
       if (decision.mask) mask_to_budget(adapters, decision.budget);
     } else if (decision.mask) {  // loralib, frozen importance
-      importance_pass<true>(adapters);
+      r.non_finite = run_pass(adapters, pass::frozen);
       mask_to_budget(adapters, decision.budget);
     }
-    last_step_ = t;
     return r;
   }
 
-  /// Convenience overload for a braced list or a std::vector of adapter_tensors.
+  /// Convenience overload for a std::vector of adapter_tensors.
   const step_result<T>& step(std::int64_t t, const std::vector<adapter_tensors<T>>& adapters) {
     return step(t, std::span<const adapter_tensors<T>>(adapters));
   }
@@ -249,11 +312,11 @@ class rank_allocator {
   const step_result<T>& last_result() const noexcept { return result_; }
 
   /// Triplet scores of the last mask event, all adapters concatenated in order.
-  std::span<const T> triplet_scores() const noexcept { return scores_; }
+  std::span<const double> triplet_scores() const noexcept { return scores_; }
   /// Triplet scores of adapter `a` at the last mask event.
-  std::span<const T> triplet_scores(std::size_t a) const {
+  std::span<const double> triplet_scores(std::size_t a) const {
     check_adapter_index(a, "rank_allocator::triplet_scores");
-    return std::span<const T>(scores_).subspan(triplet_offset_[a], triplet_count(a));
+    return std::span<const double>(scores_).subspan(triplet_offset_[a], triplet_count(a));
   }
   /// 1 where adapter `a`'s triplet is kept by the current pattern, 0 where pruned.
   std::span<const std::uint8_t> kept_mask(std::size_t a) const {
@@ -279,7 +342,85 @@ class rank_allocator {
   /// Zeroes the importance state (PEFT reset_ipt); the pattern is kept.
   void reset_state() noexcept { std::fill(state_.begin(), state_.end(), T(0)); }
 
+  // ---- resuming (checkpoints) ------------------------------------------------------------------
+
+  /// Everything step() depends on besides the constructor's arguments. Together with those
+  /// arguments it determines every later step bit for bit.
+  struct resumable_state {
+    std::int64_t last_step;
+    bool force_masked;                    ///< PEFT's force mask at T − tfinal has happened
+    std::span<const T> metric_state;      ///< all adapters, A then E then B, see state()
+    std::span<const std::uint8_t> kept;   ///< per triplet, 1 kept / 0 pruned
+    std::span<const double> scores;       ///< triplet scores of the last mask event
+    const step_result<T>* last;           ///< the last result (its kept span is recomputed)
+  };
+  resumable_state resumable() const noexcept {
+    return {last_step_, force_masked_, state_, kept_mask_, scores_, &result_};
+  }
+  /// Restores a resumable_state taken from an allocator constructed with the same arguments.
+  /// All-or-nothing: every size and value is validated first, and std::invalid_argument leaves
+  /// this allocator unchanged.
+  void restore(const resumable_state& s) {
+    constexpr const char* where = "rank_allocator::restore";
+    ADALORA_REQUIRE(s.last_step >= -1, where, "last_step must be >= -1, got ", s.last_step);
+    ADALORA_REQUIRE(s.metric_state.size() == state_.size(), where, "metric state must have ",
+                    state_.size(), " values, got ", s.metric_state.size());
+    ADALORA_REQUIRE(s.kept.size() == kept_mask_.size(), where, "kept mask must have ",
+                    kept_mask_.size(), " entries, got ", s.kept.size());
+    ADALORA_REQUIRE(s.scores.size() == scores_.size(), where, "scores must have ",
+                    scores_.size(), " entries, got ", s.scores.size());
+    for (std::size_t i = 0; i < s.kept.size(); ++i)
+      ADALORA_REQUIRE(s.kept[i] <= 1, where, "kept mask entries must be 0 or 1, got ",
+                      int(s.kept[i]), " at ", i);
+    ADALORA_REQUIRE(s.last != nullptr, where, "the last step's result is missing");
+    std::copy(s.metric_state.begin(), s.metric_state.end(), state_.begin());
+    std::copy(s.kept.begin(), s.kept.end(), kept_mask_.begin());
+    std::copy(s.scores.begin(), s.scores.end(), scores_.begin());
+    last_step_ = s.last_step;
+    force_masked_ = s.force_masked;
+    result_ = *s.last;
+    index_t total = 0;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      const auto m = kept_mask(a);
+      kept_[a] = static_cast<index_t>(std::count(m.begin(), m.end(), std::uint8_t{1}));
+      total += kept_[a];
+    }
+    result_.kept = kept_;
+    result_.kept_total = total;
+  }
+
  private:
+  enum class pass : std::uint8_t { update, frozen, check };
+
+  /// A unit of work: rows [begin, end) of A or B of one adapter, or all of its E. Tasks are
+  /// planned once from the shapes alone, so the order of every sum is fixed.
+  struct task {
+    std::size_t adapter;
+    tensor_role role;
+    index_t begin, end;
+    std::size_t block;  // B tasks: offset of their r partial column sums in block_sums_
+  };
+
+  void plan_tasks() {
+    std::size_t blocks = 0;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      const adapter_shape& s = shapes_[a];
+      if (s.rank == 0) continue;
+      const index_t a_rows = std::max<index_t>(1, task_elements / s.in_features);
+      for (index_t i = 0; i < s.rank; i += a_rows)
+        tasks_.push_back({a, tensor_role::A, i, std::min(s.rank, i + a_rows), 0});
+      tasks_.push_back({a, tensor_role::E, 0, s.rank, 0});
+      const index_t b_rows = std::max<index_t>(1, task_elements / s.rank);
+      for (index_t j = 0; j < s.out_features; j += b_rows) {
+        tasks_.push_back({a, tensor_role::B, j, std::min(s.out_features, j + b_rows), blocks});
+        blocks += static_cast<std::size_t>(s.rank);
+      }
+    }
+    block_sums_.assign(blocks, 0.0);
+    task_non_finite_.assign(tasks_.size(), 0);
+    task_bad_score_.assign(tasks_.size(), 0);
+  }
+
   std::size_t triplet_count(std::size_t a) const noexcept {
     return triplet_offset_[a + 1] - triplet_offset_[a];
   }
@@ -322,125 +463,240 @@ class rank_allocator {
                       a, " ('", s.name, "'): B must be ", s.out_features, " x ", s.rank, ", got ",
                       p.B.rows(), " x ", p.B.cols());
       check_same_shapes(p, adapters[a].grads, where);
+      ADALORA_REQUIRE(s.rank == 0 || (p.A.data() && p.E.data() && p.B.data() &&
+                                      adapters[a].grads.A.data() && adapters[a].grads.E.data() &&
+                                      adapters[a].grads.B.data()),
+                      where, "adapter ", a, " ('", s.name, "'): a view has null data");
     }
   }
 
-  [[noreturn]] void throw_non_finite(std::size_t a, tensor_role role) const {
-    const char* tensor = role == tensor_role::A ? "A" : role == tensor_role::E ? "E" : "B";
-    throw std::domain_error(detail::concat(
-        "adalora::rank_allocator::step: non-finite importance score in adapter ", a, " ('",
-        shapes_[a].name, "'), tensor ", tensor, " at step ", result_.step,
-        ": a parameter or gradient is NaN or infinite; that adapter's importance state is no "
-        "longer meaningful (call reset_state() to start it again)"));
+  static bool finite(T x) noexcept { return std::abs(x) <= std::numeric_limits<T>::max(); }
+  static bool finite(double x) noexcept
+    requires(!std::is_same_v<T, double>)
+  {
+    return std::abs(x) <= std::numeric_limits<double>::max();
   }
-  static bool finite(double x) noexcept { return std::abs(x) <= std::numeric_limits<double>::max(); }
 
-  /// Scores n consecutive elements of one row (params p, grads g, their state st) into out:
-  /// metric.update() when importance moves on, metric.score() when it is frozen (g unused).
-  /// The unit-stride case is split out so that the compiler can vectorise it.
-  template <bool Frozen>
-  void score_run(tensor_role role, const T* p, index_t sp, const T* g, index_t sg, T* st,
-                 index_t n, T* out) const {
-    auto one = [&](index_t j, T x, T dx) {
-      if constexpr (Frozen)
-        out[j] = metric_.score(role, x, std::span<const T, K>(st + static_cast<std::size_t>(j) * K, K));
-      else
-        out[j] = metric_.update(role, x, dx, std::span<T, K>(st + static_cast<std::size_t>(j) * K, K));
-    };
-    if (sp == 1 && (Frozen || sg == 1)) {
-      for (index_t j = 0; j < n; ++j) one(j, p[j], Frozen ? T(0) : g[j]);
-    } else {
-      for (index_t j = 0; j < n; ++j) one(j, p[j * sp], Frozen ? T(0) : g[j * sg]);
+  /// Non-zero iff some of the n values (stride s) is NaN or infinite: an OR of "exponent all
+  /// ones" tests on the bits, which vectorises (a floating-point compare chain does not).
+  static std::uint32_t any_non_finite(const T* x, index_t s, index_t n) noexcept {
+    using bits_t = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    constexpr auto exponent = static_cast<bits_t>(sizeof(T) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
+    bits_t any = 0;
+    if (s == 1)
+      for (index_t j = 0; j < n; ++j) any |= ((std::bit_cast<bits_t>(x[j]) & exponent) == exponent) ? 1 : 0;
+    else
+      for (index_t j = 0; j < n; ++j) any |= ((std::bit_cast<bits_t>(x[j * s]) & exponent) == exponent) ? 1 : 0;
+    return static_cast<std::uint32_t>(any);
+  }
+
+  /// Scores n elements of one row (params p, grads g, their state st) into out and returns how
+  /// many had a non-finite parameter or gradient. Those keep their state and are scored from it
+  /// (score() of a non-finite parameter counts as 0). The all-finite case, checked first on
+  /// the chunk while it sits in L1, runs a branch-free loop that the compiler can vectorise.
+  template <pass Mode>
+  std::int64_t score_run(tensor_role role, const T* p, index_t sp, const T* g, index_t sg, T* st,
+                         index_t n, double* out) const {
+    const bool all_finite =
+        (any_non_finite(p, sp, n) | (Mode == pass::frozen ? 0u : any_non_finite(g, sg, n))) == 0;
+    if constexpr (Mode == pass::check) {
+      if (all_finite) return 0;
     }
+    auto state_at = [st](index_t j) { return st + static_cast<std::size_t>(j) * K; };
+    if (all_finite) {
+      if constexpr (Mode == pass::update) {
+        if (sp == 1 && sg == 1)
+          for (index_t j = 0; j < n; ++j)
+            out[j] = static_cast<double>(metric_.update(role, p[j], g[j], std::span<T, K>(state_at(j), K)));
+        else
+          for (index_t j = 0; j < n; ++j)
+            out[j] = static_cast<double>(
+                metric_.update(role, p[j * sp], g[j * sg], std::span<T, K>(state_at(j), K)));
+      } else if constexpr (Mode == pass::frozen) {
+        for (index_t j = 0; j < n; ++j)
+          out[j] = static_cast<double>(
+              metric_.score(role, p[j * sp], std::span<const T, K>(state_at(j), K)));
+      }
+      return 0;
+    }
+    std::int64_t bad = 0;
+    for (index_t j = 0; j < n; ++j) {
+      const T x = p[j * sp];
+      const bool ok = finite(x) && (Mode == pass::frozen || finite(g[j * sg]));
+      bad += ok ? 0 : 1;
+      if constexpr (Mode == pass::update) {
+        if (ok) {
+          out[j] = static_cast<double>(metric_.update(role, x, g[j * sg], std::span<T, K>(state_at(j), K)));
+          continue;
+        }
+      }
+      if constexpr (Mode != pass::check)
+        out[j] = finite(x) ? static_cast<double>(metric_.score(role, x, std::span<const T, K>(state_at(j), K)))
+                           : 0.0;
+    }
+    return bad;
   }
 
-  /// Sum of n scores in double, in a fixed order (eight interleaved lanes, then a fixed tree):
-  /// vectorisable, and the same on every machine and for every thread count.
-  static double sum_scores(const T* s, index_t n) noexcept {
+  /// Sum of n scores in a fixed order (eight interleaved lanes, then a fixed tree): vectorisable,
+  /// and the same on every machine and for every thread count.
+  static double sum_scores(const double* s, index_t n) noexcept {
     double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     index_t j = 0;
     for (; j + 8 <= n; j += 8)
-      for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(s[j + l]);
+      for (int l = 0; l < 8; ++l) lane[l] += s[j + l];
     double tail = 0;
-    for (; j < n; ++j) tail += static_cast<double>(s[j]);
+    for (; j < n; ++j) tail += s[j];
     return (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) + tail;
   }
+  /// A metric's scores must be finite and >= 0. Checked on sums (a NaN or infinity propagates
+  /// into them) and by counting negative elements, which vectorises (a running minimum does
+  /// not: it is one long dependency chain).
+  static bool valid_scores(const double* s, index_t n, double sum) noexcept {
+    std::int64_t negative = 0;
+    for (index_t j = 0; j < n; ++j) negative += s[j] < 0.0 ? 1 : 0;
+    return negative == 0 && finite(sum);
+  }
 
-  /// One pass over every element: advances the importance state (or, Frozen, reads it) and
-  /// forms the three partial sums of every triplet (s(E_i), Σ_j s(A_ij), Σ_j s(B_ji)) in the
-  /// same pass over memory. Scores go through a small scratch row that stays in L1 cache.
-  template <bool Frozen>
-  void importance_pass(std::span<const adapter_tensors<T>> adapters) {
+  struct pass_context {
+    rank_allocator* self;
+    std::span<const adapter_tensors<T>> adapters;
+    pass mode;
+  };
+
+  template <pass Mode>
+  void run_task(std::size_t id, std::span<const adapter_tensors<T>> adapters, double* scratch) {
+    const task& tk = tasks_[id];
+    const std::size_t a = tk.adapter;
+    const adapter_shape& s = shapes_[a];
+    const svd_adapter_ref<T>& p = adapters[a].params;
+    const svd_adapter_ref<const T>& g = adapters[a].grads;
     const std::size_t b0 = scores_.size();
-    T* scratch = scratch_.data();
-    for (std::size_t a = 0; a < shapes_.size(); ++a) {
-      const adapter_shape& s = shapes_[a];
-      const svd_adapter_ref<T>& p = adapters[a].params;
-      const svd_adapter_ref<const T>& g = adapters[a].grads;
-      double* pe = partials_.data() + triplet_offset_[a];
-      double* pa = pe + b0;
-      double* pb = pa + b0;
-      T* stA = state_.data() + state_begin(a, tensor_role::A) * K;
-      T* stE = state_.data() + state_begin(a, tensor_role::E) * K;
-      T* stB = state_.data() + state_begin(a, tensor_role::B) * K;
-      const index_t r = s.rank, in = s.in_features, out = s.out_features;
+    double* pe = partials_.data() + triplet_offset_[a];
+    double* pa = pe + b0;
+    T* st = state_.data() + state_begin(a, tk.role) * K;
+    const index_t r = s.rank, in = s.in_features;
+    std::int64_t bad = 0;
+    bool scores_ok = true;
 
-      double check = 0.0;  // non-finite iff some score is
-      for (index_t i = 0; i < r; ++i) {
+    if (tk.role == tensor_role::A) {
+      for (index_t i = tk.begin; i < tk.end; ++i) {
         double row = 0.0;
         for (index_t j0 = 0; j0 < in; j0 += scratch_chunk) {
           const index_t n = std::min(scratch_chunk, in - j0);
-          score_run<Frozen>(tensor_role::A, &p.A(i, j0), p.A.col_stride(), &g.A(i, j0),
-                            g.A.col_stride(), stA + static_cast<std::size_t>(i * in + j0) * K, n,
-                            scratch);
-          row += sum_scores(scratch, n);
+          bad += score_run<Mode>(tensor_role::A, &p.A(i, j0), p.A.col_stride(), &g.A(i, j0),
+                                 g.A.col_stride(), st + static_cast<std::size_t>(i * in + j0) * K, n,
+                                 scratch);
+          if constexpr (Mode != pass::check) {
+            const double sum = sum_scores(scratch, n);
+            scores_ok &= valid_scores(scratch, n, sum);
+            row += sum;
+          }
         }
-        pa[i] = row;
-        check += row;
+        if constexpr (Mode != pass::check) pa[i] = row;
       }
-      if (!finite(check)) throw_non_finite(a, tensor_role::A);
-
-      if (r > 0) {
-        score_run<Frozen>(tensor_role::E, p.E.data(), p.E.stride(), g.E.data(), g.E.stride(), stE,
-                          r, scratch);
-        check = 0.0;
-        for (index_t i = 0; i < r; ++i) {
-          pe[i] = static_cast<double>(scratch[i]);
-          check += pe[i];
+    } else if (tk.role == tensor_role::E) {
+      for (index_t i0 = 0; i0 < r; i0 += scratch_chunk) {
+        const index_t n = std::min(scratch_chunk, r - i0);
+        bad += score_run<Mode>(tensor_role::E, &p.E[i0], p.E.stride(), &g.E[i0], g.E.stride(),
+                               st + static_cast<std::size_t>(i0) * K, n, scratch);
+        if constexpr (Mode != pass::check) {
+          scores_ok &= valid_scores(scratch, n, sum_scores(scratch, n));
+          std::copy(scratch, scratch + n, pe + i0);
         }
-        if (!finite(check)) throw_non_finite(a, tensor_role::E);
       }
-
-      std::fill(pb, pb + r, 0.0);
-      for (index_t j = 0; j < out; ++j) {
+    } else {
+      double* block = block_sums_.data() + tk.block;
+      if constexpr (Mode != pass::check) std::fill(block, block + r, 0.0);
+      for (index_t j = tk.begin; j < tk.end; ++j) {
         for (index_t i0 = 0; i0 < r; i0 += scratch_chunk) {
           const index_t n = std::min(scratch_chunk, r - i0);
-          score_run<Frozen>(tensor_role::B, &p.B(j, i0), p.B.col_stride(), &g.B(j, i0),
-                            g.B.col_stride(), stB + static_cast<std::size_t>(j * r + i0) * K, n,
-                            scratch);
-          for (index_t i = 0; i < n; ++i) pb[i0 + i] += static_cast<double>(scratch[i]);
+          bad += score_run<Mode>(tensor_role::B, &p.B(j, i0), p.B.col_stride(), &g.B(j, i0),
+                                 g.B.col_stride(), st + static_cast<std::size_t>(j * r + i0) * K, n,
+                                 scratch);
+          if constexpr (Mode != pass::check) {
+            for (index_t i = 0; i < n; ++i) block[i0 + i] += scratch[i];
+            scores_ok &= valid_scores(scratch, n, 0.0);
+          }
         }
       }
-      check = 0.0;
-      for (index_t i = 0; i < r; ++i) check += pb[i];
-      if (!finite(check)) throw_non_finite(a, tensor_role::B);
     }
+    if constexpr (Mode != pass::check)
+      if (tk.role == tensor_role::B)  // B's non-finite scores show in its block sums
+        for (index_t i = 0; i < r; ++i) scores_ok &= finite(block_sums_[tk.block + static_cast<std::size_t>(i)]);
+    task_non_finite_[id] = bad;
+    task_bad_score_[id] = scores_ok ? 0 : 1;
+  }
+
+  static void run_task_entry(void* ctx, std::size_t id) {
+    auto& c = *static_cast<pass_context*>(ctx);
+    // Each task scores through its own L1-sized scratch row on the running thread's stack.
+    double scratch[scratch_chunk];
+    switch (c.mode) {
+      case pass::update: c.self->template run_task<pass::update>(id, c.adapters, scratch); break;
+      case pass::frozen: c.self->template run_task<pass::frozen>(id, c.adapters, scratch); break;
+      case pass::check: c.self->template run_task<pass::check>(id, c.adapters, scratch); break;
+    }
+  }
+
+  /// One pass over every element (see the class comment). Returns the number of elements whose
+  /// parameter or gradient is non-finite; the partial sums are left in partials_.
+  std::int64_t run_pass(std::span<const adapter_tensors<T>> adapters, pass mode) {
+    pass_context ctx{this, adapters, mode};
+    first_non_finite_ = {};
+    if (pool_)
+      pool_->run(tasks_.size(), &run_task_entry, &ctx);
+    else
+      for (std::size_t id = 0; id < tasks_.size(); ++id) run_task_entry(&ctx, id);
+
+    std::int64_t bad = 0;
+    for (std::size_t id = 0; id < tasks_.size(); ++id) {
+      bad += task_non_finite_[id];
+      if (task_non_finite_[id] > 0 && first_non_finite_.empty()) describe(tasks_[id]);
+      if (task_bad_score_[id] && mode != pass::check)
+        throw std::domain_error(detail::concat(
+            "adalora::rank_allocator::step: the importance metric returned a negative or "
+            "non-finite score for finite input in ", describe(tasks_[id]), " at step ",
+            result_.step, "; a metric's scores must be finite and >= 0"));
+    }
+    if (mode == pass::check) return bad;
+    // B's column sums: blocks of rows combined in block order, whatever thread ran them.
+    const std::size_t b0 = scores_.size();
+    for (std::size_t a = 0; a < shapes_.size(); ++a)
+      std::fill_n(partials_.data() + 2 * b0 + triplet_offset_[a], triplet_count(a), 0.0);
+    for (const task& tk : tasks_) {
+      if (tk.role != tensor_role::B) continue;
+      double* pb = partials_.data() + 2 * b0 + triplet_offset_[tk.adapter];
+      const double* block = block_sums_.data() + tk.block;
+      for (index_t i = 0; i < shapes_[tk.adapter].rank; ++i) pb[i] += block[i];
+    }
+    return bad;
+  }
+
+  const char* describe(const task& tk) {
+    // Written into a fixed buffer: no allocation on the step's path.
+    const char* tensor = tk.role == tensor_role::A ? "A" : tk.role == tensor_role::E ? "E" : "B";
+    const std::string& name = shapes_[tk.adapter].name;
+    std::snprintf(describe_buffer_, sizeof describe_buffer_, "adapter %zu ('%.*s'), tensor %s",
+                  tk.adapter, static_cast<int>(std::min<std::size_t>(name.size(), 160)),
+                  name.c_str(), tensor);
+    first_non_finite_ = std::string_view(describe_buffer_);
+    return describe_buffer_;
   }
 
   /// Triplet scores from the (all-reduced) partial sums, threshold, and the mask on E.
   void mask_to_budget(std::span<const adapter_tensors<T>> adapters, std::int64_t budget) {
     comm_.all_reduce_sum(partials_);
     const std::size_t n = scores_.size();
-    // S = s(E) + (mean over in of s(A_i.) + mean over out of s(B_.i)), each mean rounded to T,
-    // in the references' association (PEFT _combine_ipt then E + that).
+    // S = s(E) + (mean over in of s(A_i.) + mean over out of s(B_.i)) in the references'
+    // association (PEFT _combine_ipt, then E + that), each term rounded to T as torch rounds
+    // it; beyond T's range the double value is kept (rounding is monotone, so order is kept).
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
       const double in = static_cast<double>(shapes_[a].in_features);
       const double out = static_cast<double>(shapes_[a].out_features);
       for (std::size_t i = triplet_offset_[a]; i < triplet_offset_[a + 1]; ++i) {
-        const T e = static_cast<T>(partials_[i]);
-        const T mean_a = static_cast<T>(partials_[n + i] / in);
-        const T mean_b = static_cast<T>(partials_[2 * n + i] / out);
-        scores_[i] = e + (mean_a + mean_b);
+        const double e = partials_[i], mean_a = partials_[n + i] / in, mean_b = partials_[2 * n + i] / out;
+        const T rounded = static_cast<T>(e) + (static_cast<T>(mean_a) + static_cast<T>(mean_b));
+        scores_[i] = finite(rounded) ? static_cast<double>(rounded) : e + (mean_a + mean_b);
       }
     }
 
@@ -451,7 +707,7 @@ class rank_allocator {
     if (k == 0) {
       // Nothing to prune (a user schedule at full budget): every triplet kept, E untouched.
       // torch.kthvalue would raise here (peft#2337); SPEC §6 lets a port define it this way.
-      r.threshold = -std::numeric_limits<T>::infinity();
+      r.threshold = -std::numeric_limits<double>::infinity();
       std::fill(kept_mask_.begin(), kept_mask_.end(), std::uint8_t{1});
     } else if (options_.ties == tie_policy::prune_all_ties) {
       std::copy(scores_.begin(), scores_.end(), select_.begin());
@@ -502,12 +758,18 @@ class rank_allocator {
   std::vector<std::size_t> state_offset_;    // first element of each adapter (A, E, B in turn)
   std::vector<T> state_;                     // K values per element
   std::vector<double> partials_;             // s(E_i) for all i, then Σ s(A_i.), then Σ s(B_.i)
-  std::vector<T> scratch_;                   // scores of one row chunk (stays in L1)
-  std::vector<T> scores_;                    // per triplet, last mask event
-  std::vector<T> select_;                    // scratch for nth_element
+  std::vector<double> scores_;               // per triplet, last mask event
+  std::vector<double> select_;               // scratch for nth_element
   std::vector<std::size_t> order_;           // scratch for exact_budget
   std::vector<std::uint8_t> kept_mask_;      // per triplet: 1 kept, 0 pruned
   std::vector<index_t> kept_;                // per adapter
+  std::vector<task> tasks_;
+  std::vector<double> block_sums_;           // B tasks' partial column sums
+  std::vector<std::int64_t> task_non_finite_;
+  std::vector<std::uint8_t> task_bad_score_;
+  char describe_buffer_[256] = {};
+  std::string_view first_non_finite_;
+  std::unique_ptr<detail::task_pool> pool_;
   step_result<T> result_;
   std::int64_t last_step_ = -1;
   bool force_masked_ = false;

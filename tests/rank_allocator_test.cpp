@@ -2,9 +2,11 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -34,6 +36,13 @@ struct adapter_storage {
              adalora::vector_view<const T>(gE.data(), r),
              adalora::make_matrix_view<const T>(gB.data(), out, r)}};
   }
+};
+
+/// A metric that breaks the contract: negative scores.
+struct negative_metric {
+  static constexpr std::size_t state_size = 0;
+  double update(adalora::tensor_role, double p, double, std::span<double, 0>) const { return -p; }
+  double score(adalora::tensor_role, double p, std::span<const double, 0>) const { return -p; }
 };
 
 /// A schedule that always masks to a fixed budget (a user-defined BudgetSchedule).
@@ -190,18 +199,84 @@ TEST_CASE("the allocator validates its construction and every step", "[allocator
   }
 }
 
-TEMPLATE_TEST_CASE("a non-finite gradient is reported, never silently ranked", "[allocator][errors]",
-                   float, double) {
-  std::vector<adapter_storage<TestType>> s;
+TEMPLATE_TEST_CASE("non-finite parameters or gradients never reach the scores, under every policy",
+                   "[allocator][errors]", float, double) {
+  using T = TestType;
+  std::vector<adapter_storage<T>> s;
   s.emplace_back(3, 2, 2);
-  s[0].gB[1] = std::numeric_limits<TestType>::quiet_NaN();
+  for (std::size_t i = 0; i < s[0].gA.size(); ++i) s[0].gA[i] = T(0.5);
+  s[0].gB = {T(1), std::numeric_limits<T>::quiet_NaN(), T(1), std::numeric_limits<T>::infinity()};
   auto views = tensors_of(s);
-  adalora::rank_allocator<TestType, adalora::sensitivity, fixed_budget> alloc(
-      {{"layer.q", 3, 2, 2}}, fixed_budget{2, 1});
-  REQUIRE_THROWS_WITH(alloc.step(0, views), Catch::Contains("non-finite") &&
-                                                Catch::Contains("layer.q") &&
-                                                Catch::Contains("tensor B"));
-  REQUIRE(s[0].E == std::vector<TestType>{1, 1});  // no mask applied from a poisoned score
+  const std::vector<adalora::adapter_shape> shape = {{"layer.q", 3, 2, 2}};
+
+  SECTION("ignore_elements (default): those elements keep their state, the step goes on") {
+    adalora::rank_allocator<T, adalora::smoothed_sensitivity, fixed_budget> alloc(shape, fixed_budget{2, 1});
+    const auto& r = alloc.step(0, views);
+    REQUIRE(r.non_finite == 2);
+    REQUIRE(r.action == adalora::mask_action::threshold);
+    REQUIRE(std::isfinite(r.threshold));
+    for (double v : alloc.triplet_scores()) REQUIRE(std::isfinite(v));
+    const auto stB = alloc.state(0, adalora::tensor_role::B);  // B is 2 x 2, two state values each
+    REQUIRE(stB[2 * 1] == T(0));                                  // the NaN element: untouched
+    REQUIRE(stB[2 * 3] == T(0));                                  // the infinite one too
+    REQUIRE(stB[2 * 0] > T(0));                                   // a finite one moved
+  }
+  SECTION("skip_step: nothing changes, the step is reported skipped") {
+    adalora::rank_allocator<T, adalora::smoothed_sensitivity, fixed_budget> alloc(
+        shape, fixed_budget{2, 1}, {}, {.non_finite = adalora::non_finite_policy::skip_step});
+    const auto& r = alloc.step(0, views);
+    REQUIRE(r.skipped);
+    REQUIRE(r.non_finite == 2);
+    REQUIRE(r.action == adalora::mask_action::none);
+    REQUIRE(alloc.last_step() == 0);
+    for (T v : alloc.state(0, adalora::tensor_role::A)) REQUIRE(v == T(0));
+    REQUIRE(s[0].E == std::vector<T>{1, 1});
+  }
+  SECTION("throw_error: a clear exception, and the allocator is unchanged") {
+    adalora::rank_allocator<T, adalora::smoothed_sensitivity, fixed_budget> alloc(
+        shape, fixed_budget{2, 1}, {}, {.non_finite = adalora::non_finite_policy::throw_error});
+    REQUIRE_THROWS_WITH(alloc.step(0, views), Catch::Contains("2 parameter or gradient values") &&
+                                                  Catch::Contains("layer.q") &&
+                                                  Catch::Contains("tensor B") &&
+                                                  Catch::Contains("nothing was changed"));
+    REQUIRE(alloc.last_step() == -1);
+    for (T v : alloc.state(0, adalora::tensor_role::A)) REQUIRE(v == T(0));
+    REQUIRE(s[0].E == std::vector<T>{1, 1});
+    s[0].gB = {T(1), T(1), T(1), T(1)};
+    REQUIRE_NOTHROW(alloc.step(0, views));  // the same step, now with finite gradients
+  }
+}
+
+TEMPLATE_TEST_CASE("extreme but finite values do not overflow the scores", "[allocator]", float,
+                   double) {
+  // |w·∇w| = 1e30 squares to ~1e58 in the score Ī·Ū: beyond float, not beyond double. The
+  // ranking must still see adapter "big" as more important than adapter "small".
+  using T = TestType;
+  std::vector<adapter_storage<T>> s;
+  s.emplace_back(2, 2, 1);
+  s.emplace_back(2, 2, 1);
+  for (auto* v : {&s[0].A, &s[0].E, &s[0].B}) std::fill(v->begin(), v->end(), T(1e30));
+  for (auto* v : {&s[0].gA, &s[0].gE, &s[0].gB, &s[1].gA, &s[1].gE, &s[1].gB})
+    std::fill(v->begin(), v->end(), T(1));
+  auto views = tensors_of(s);
+  adalora::rank_allocator<T, adalora::smoothed_sensitivity, fixed_budget> alloc(
+      {{"big", 2, 2, 1}, {"small", 2, 2, 1}}, fixed_budget{2, 1});
+  const auto& r = alloc.step(0, views);
+  REQUIRE(r.non_finite == 0);
+  for (double v : alloc.triplet_scores()) REQUIRE(std::isfinite(v));
+  REQUIRE(alloc.triplet_scores()[0] > 1e50);
+  REQUIRE(std::vector<adalora::index_t>(r.kept.begin(), r.kept.end()) ==
+          std::vector<adalora::index_t>{1, 0});
+}
+
+TEST_CASE("a metric that breaks its contract is named, not ranked", "[allocator][errors]") {
+  std::vector<adapter_storage<double>> s;
+  s.emplace_back(3, 2, 2);
+  auto views = tensors_of(s);
+  adalora::rank_allocator<double, negative_metric, fixed_budget> alloc({{"m", 3, 2, 2}},
+                                                                       fixed_budget{2, 1});
+  REQUIRE_THROWS_WITH(alloc.step(0, views), Catch::Contains("negative or non-finite score") &&
+                                                Catch::Contains("'m'"));
 }
 
 TEST_CASE("the communicator sums the partial triplet sums once per mask event", "[allocator]") {
@@ -231,4 +306,51 @@ TEST_CASE("the communicator sums the partial triplet sums once per mask event", 
   REQUIRE(masks >= 2);
   REQUIRE(calls == masks);
   REQUIRE(size == 3 * 5);  // three partial sums per triplet, never parameters or state
+}
+
+TEMPLATE_TEST_CASE("results do not depend on the number of threads", "[allocator][threads]", float,
+                   double) {
+  // Shapes large enough that A and B are split into several tasks (32768 elements each).
+  using T = TestType;
+  const std::vector<adalora::adapter_shape> shapes = {{"wide", 8200, 3, 4}, {"tall", 5, 11000, 3}, {"small", 6, 4, 2}};
+  auto make = [&] {
+    std::vector<adapter_storage<T>> s;
+    for (const auto& sh : shapes) s.emplace_back(sh.in_features, sh.out_features, sh.rank);
+    return s;
+  };
+  auto run = [&](unsigned threads, adalora::final_phase semantics) {
+    auto s = make();
+    auto views = tensors_of(s);
+    adalora::rank_allocator<T> alloc(
+        shapes,
+        adalora::cubic_schedule({.initial_budget = 9, .target_budget = 4, .total_step = 10,
+                                 .tinit = 1, .tfinal = 2, .delta_t = 2}),
+        {}, {.semantics = semantics, .threads = threads});
+    std::vector<double> trace;
+    std::uint64_t x = 12345;
+    for (std::int64_t t = 0; t < 12; ++t) {  // warm-up, reduction and final phase
+      for (auto& a : s)  // deterministic pseudo-random gradients
+        for (auto* g : {&a.gA, &a.gE, &a.gB})
+          for (auto& v : *g) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            v = T(double(x >> 40) / double(1 << 24) - 0.5);
+          }
+      const auto& r = alloc.step(t, views);
+      trace.push_back(r.threshold);
+      for (double v : alloc.triplet_scores()) trace.push_back(v);
+      for (auto k : r.kept) trace.push_back(double(k));
+    }
+    for (std::size_t a = 0; a < shapes.size(); ++a)
+      for (auto role : {adalora::tensor_role::A, adalora::tensor_role::E, adalora::tensor_role::B})
+        for (T v : alloc.state(a, role)) trace.push_back(double(v));
+    return trace;
+  };
+  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
+    REQUIRE(run(3, semantics) == run(1, semantics));  // bit-identical, element for element
+  }
+  REQUIRE_THROWS_WITH(adalora::rank_allocator<T>(shapes,
+                                                  adalora::cubic_schedule({.initial_budget = 9, .target_budget = 4,
+                                                                           .total_step = 12}),
+                                                  {}, {.threads = 0}),
+                      Catch::Contains("threads must be >= 1"));
 }

@@ -11,13 +11,15 @@
 //
 // Requirements, for a metric type M and element type T (float or double):
 //  1. `static constexpr std::size_t state_size`: number of state values per element (may be 0).
-//  2. `T update(tensor_role role, T param, T grad, std::span<T, M::state_size> state) const`:
+//  2. `S update(tensor_role role, T param, T grad, std::span<T, M::state_size> state) const`:
 //     advances the state with this step's (param, grad) and returns the element's score.
-//  3. `T score(tensor_role role, T param, std::span<const T, M::state_size> state) const`:
+//  3. `S score(tensor_role role, T param, std::span<const T, M::state_size> state) const`:
 //     the element's score from the state alone (used when scores are frozen, in the final
 //     phase, where no gradient enters). Must equal what the last update() returned when the
 //     parameter has not changed since.
-// Scores must be finite and >= 0; the triplet score combines them (see rank_allocator.hpp).
+// S is a floating-point type: T, or double where a product of T values could overflow T (the
+// allocator ranks in double). Scores must be finite and >= 0; the triplet score combines them
+// (see rank_allocator.hpp). The allocator only calls update() with finite param and grad.
 // Optional: `void begin_step(std::int64_t step)` is called once before each update pass.
 
 #include <concepts>
@@ -42,12 +44,12 @@ concept has_state_size = requires {
 template <class M, class T>
 concept has_update = has_state_size<M> &&
                      requires(const M& m, tensor_role role, T p, T g, std::span<T, M::state_size> s) {
-                       { m.update(role, p, g, s) } -> std::same_as<T>;
+                       { m.update(role, p, g, s) } -> std::floating_point;
                      };
 template <class M, class T>
 concept has_score = has_state_size<M> && requires(const M& m, tensor_role role, T p,
                                                   std::span<const T, M::state_size> s) {
-  { m.score(role, p, s) } -> std::same_as<T>;
+  { m.score(role, p, s) } -> std::floating_point;
 };
 template <class M>
 concept has_begin_step = requires(M& m, std::int64_t t) { m.begin_step(t); };
@@ -66,13 +68,15 @@ consteval bool check_importance_metric() {
                 "adalora: an importance metric needs `static constexpr std::size_t state_size` "
                 "(the number of state values it keeps per element; 0 for none)");
   static_assert(detail::has_update<M, T>,
-                "adalora: an importance metric needs the member function `T update("
+                "adalora: an importance metric needs the member function `S update("
                 "adalora::tensor_role role, T param, T grad, std::span<T, state_size> state) "
-                "const` returning the element's score after updating its state");
+                "const` returning the element's score (a floating-point S, e.g. T or double) "
+                "after updating its state");
   static_assert(detail::has_score<M, T>,
-                "adalora: an importance metric needs the member function `T score("
+                "adalora: an importance metric needs the member function `S score("
                 "adalora::tensor_role role, T param, std::span<const T, state_size> state) "
-                "const` returning the element's score from its state alone");
+                "const` returning the element's score (a floating-point S) from its state "
+                "alone");
   return true;
 }
 
