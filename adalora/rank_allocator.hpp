@@ -31,13 +31,33 @@
 
 namespace adalora {
 
+/// Which part of an adapter this process holds, for sharded training (see communicator.hpp).
+/// The default is all of it. A process holds triplets [triplet_begin, triplet_begin +
+/// triplet_count) (rows of A, entries of E, columns of B), columns [in_begin, in_begin +
+/// in_count) of A and rows [out_begin, out_begin + out_count) of B; -1 means "to the end".
+/// Slices of in/out must start at a multiple of rank_allocator's sum_block (256), so that every
+/// sum is formed over the same blocks as in one process; triplet slices may start anywhere.
+/// Exactly one process must contribute the score of each E entry (`scores_e`), also when E is
+/// replicated on several. A process that holds none of an adapter sets triplet_count = 0.
+struct adapter_shard {
+  index_t triplet_begin = 0;
+  index_t triplet_count = -1;
+  index_t in_begin = 0;
+  index_t in_count = -1;
+  index_t out_begin = 0;
+  index_t out_count = -1;
+  bool scores_e = true;
+};
+
 /// One adapted weight as the allocator sees it. `name` is the module path used in rank patterns
-/// (PEFT writes "<name>.lora_E" keys); `rank` is the initial rank r.
+/// (PEFT writes "<name>.lora_E" keys); `rank` is the initial rank r; in/out/rank are the WHOLE
+/// adapter's even when this process holds a shard of it.
 struct adapter_shape {
   std::string name;
   index_t in_features = 0;
   index_t out_features = 0;
   index_t rank = 0;
+  adapter_shard shard = {};
 };
 
 /// What happens from T − tfinal on (SPEC §7).
@@ -161,8 +181,13 @@ class rank_allocator {
                 "`void all_reduce_sum(std::span<double>)`");
 
   static constexpr std::size_t K = Metric::state_size;
-  static constexpr index_t scratch_chunk = 512;     // elements scored per inner loop (L1-sized)
   static constexpr index_t task_elements = 1 << 15;  // elements per task, for threads
+
+ public:
+  /// Scores are summed in blocks of this many elements along a row of A or a column of B (one
+  /// L1-sized scratch row), and the block sums are added in block order afterwards: the fixed
+  /// reduction tree that makes results independent of threads and of sharding.
+  static constexpr index_t sum_block = 256;
 
  public:
   using element_type = T;
@@ -181,30 +206,32 @@ class rank_allocator {
     ADALORA_REQUIRE(options_.threads >= 1, where, "options.threads must be >= 1, got ",
                     options_.threads);
     std::int64_t b0 = 0;
-    std::size_t elements = 0;
-    triplet_offset_.reserve(shapes_.size() + 1);
-    state_offset_.reserve(shapes_.size() + 1);
+    std::size_t elements = 0, a_blocks = 0, b_blocks = 0;
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
-      const adapter_shape& s = shapes_[a];
+      adapter_shape& s = shapes_[a];
       ADALORA_REQUIRE(s.in_features >= 1 && s.out_features >= 1, where, "adapter ", a, " ('",
                       s.name, "') needs in_features >= 1 and out_features >= 1, got ",
                       s.in_features, " and ", s.out_features);
       ADALORA_REQUIRE(s.rank >= 0, where, "adapter ", a, " ('", s.name,
                       "') needs rank >= 0, got ", s.rank);
-      triplet_offset_.push_back(static_cast<std::size_t>(b0));
-      state_offset_.push_back(elements);
+      resolve_shard(a, s);
+      const local_dims d{s.shard.triplet_count, s.shard.in_count, s.shard.out_count};
+      layout_.push_back({static_cast<std::size_t>(b0), elements, a_blocks, b_blocks,
+                         blocks_of(s.in_features), blocks_of(s.out_features), d});
       b0 += s.rank;
-      elements += static_cast<std::size_t>(s.rank * (s.in_features + 1 + s.out_features));
+      elements += static_cast<std::size_t>(d.r * (d.in + 1 + d.out));
+      a_blocks += static_cast<std::size_t>(s.rank) * blocks_of(s.in_features);
+      b_blocks += static_cast<std::size_t>(s.rank) * blocks_of(s.out_features);
     }
-    triplet_offset_.push_back(static_cast<std::size_t>(b0));
-    state_offset_.push_back(elements);
+    layout_.push_back({static_cast<std::size_t>(b0), elements, a_blocks, b_blocks, 0, 0, {}});
     ADALORA_REQUIRE(schedule_.initial_budget() == b0, where,
                     "the schedule's initial budget must equal the sum of the adapters' ranks, ",
                     b0, ", got ", schedule_.initial_budget());
 
     const auto n = static_cast<std::size_t>(b0);
     state_.assign(elements * K, T(0));
-    partials_.assign(3 * n, 0.0);
+    // E scores, then A's block sums (r x blocks of in per adapter), then B's (blocks of out x r).
+    partials_.assign(n + a_blocks + b_blocks, 0.0);
     scores_.assign(n, 0.0);
     select_.assign(n, 0.0);
     if (options_.ties == tie_policy::exact_budget) order_.assign(n, 0);
@@ -301,7 +328,7 @@ class rank_allocator {
   std::span<const adapter_shape> shapes() const noexcept { return shapes_; }
   std::size_t num_adapters() const noexcept { return shapes_.size(); }
   std::int64_t initial_budget() const noexcept {
-    return static_cast<std::int64_t>(triplet_offset_.back());
+    return static_cast<std::int64_t>(layout_.back().triplet);
   }
   const Schedule& schedule() const noexcept { return schedule_; }
   const Metric& metric() const noexcept { return metric_; }
@@ -316,12 +343,12 @@ class rank_allocator {
   /// Triplet scores of adapter `a` at the last mask event.
   std::span<const double> triplet_scores(std::size_t a) const {
     check_adapter_index(a, "rank_allocator::triplet_scores");
-    return std::span<const double>(scores_).subspan(triplet_offset_[a], triplet_count(a));
+    return std::span<const double>(scores_).subspan(layout_[a].triplet, triplet_count(a));
   }
   /// 1 where adapter `a`'s triplet is kept by the current pattern, 0 where pruned.
   std::span<const std::uint8_t> kept_mask(std::size_t a) const {
     check_adapter_index(a, "rank_allocator::kept_mask");
-    return std::span<const std::uint8_t>(kept_mask_).subspan(triplet_offset_[a], triplet_count(a));
+    return std::span<const std::uint8_t>(kept_mask_).subspan(layout_[a].triplet, triplet_count(a));
   }
   /// The current pattern with the adapters' names (allocates; not for the per-step path).
   rank_pattern pattern() const {
@@ -392,54 +419,88 @@ class rank_allocator {
  private:
   enum class pass : std::uint8_t { update, frozen, check };
 
-  /// A unit of work: rows [begin, end) of A or B of one adapter, or all of its E. Tasks are
-  /// planned once from the shapes alone, so the order of every sum is fixed.
+  /// The extents of the part of an adapter this process holds.
+  struct local_dims {
+    index_t r = 0, in = 0, out = 0;
+  };
+  /// Where an adapter's data starts in the allocator's arrays.
+  struct adapter_layout {
+    std::size_t triplet;    // first (global) triplet; the sentinel's is b0
+    std::size_t element;    // first local element (A, E, B in turn)
+    std::size_t a_block;    // first of its r x a_blocks A block sums
+    std::size_t b_block;    // first of its b_blocks x r B block sums
+    std::size_t a_blocks;   // blocks of in_features
+    std::size_t b_blocks;   // blocks of out_features
+    local_dims local;
+  };
+
+  /// A unit of work: local rows [begin, end) of A or B of one adapter, or all of its local E.
+  /// Tasks are planned once from the shapes alone.
   struct task {
     std::size_t adapter;
     tensor_role role;
     index_t begin, end;
-    std::size_t block;  // B tasks: offset of their r partial column sums in block_sums_
   };
 
+  static std::size_t blocks_of(index_t n) noexcept {
+    return static_cast<std::size_t>((n + sum_block - 1) / sum_block);
+  }
+
+  /// Fills in the shard's "-1 = to the end" counts and validates it against the shape.
+  static void resolve_shard(std::size_t a, adapter_shape& s) {
+    constexpr const char* where = "rank_allocator";
+    adapter_shard& h = s.shard;
+    auto resolve = [&](index_t& begin, index_t& count, index_t total, const char* what) {
+      if (count < 0) count = total - begin;
+      ADALORA_REQUIRE(begin >= 0 && count >= 0 && begin + count <= total, where, "adapter ", a,
+                      " ('", s.name, "'): shard ", what, " [", begin, ", ", begin + count,
+                      ") must lie within [0, ", total, "]");
+    };
+    resolve(h.triplet_begin, h.triplet_count, s.rank, "triplets");
+    resolve(h.in_begin, h.in_count, s.in_features, "in columns");
+    resolve(h.out_begin, h.out_count, s.out_features, "out rows");
+    ADALORA_REQUIRE(h.in_begin % sum_block == 0 && h.out_begin % sum_block == 0, where,
+                    "adapter ", a, " ('", s.name, "'): shard in_begin and out_begin must be "
+                    "multiples of ", sum_block, " (so that sums are formed over the same blocks "
+                    "as in one process), got ", h.in_begin, " and ", h.out_begin);
+  }
+
   void plan_tasks() {
-    std::size_t blocks = 0;
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
-      const adapter_shape& s = shapes_[a];
-      if (s.rank == 0) continue;
-      const index_t a_rows = std::max<index_t>(1, task_elements / s.in_features);
-      for (index_t i = 0; i < s.rank; i += a_rows)
-        tasks_.push_back({a, tensor_role::A, i, std::min(s.rank, i + a_rows), 0});
-      tasks_.push_back({a, tensor_role::E, 0, s.rank, 0});
-      const index_t b_rows = std::max<index_t>(1, task_elements / s.rank);
-      for (index_t j = 0; j < s.out_features; j += b_rows) {
-        tasks_.push_back({a, tensor_role::B, j, std::min(s.out_features, j + b_rows), blocks});
-        blocks += static_cast<std::size_t>(s.rank);
+      const local_dims& d = layout_[a].local;
+      if (d.r == 0) continue;
+      if (d.in > 0) {
+        const index_t a_rows = std::max<index_t>(1, task_elements / d.in);
+        for (index_t i = 0; i < d.r; i += a_rows)
+          tasks_.push_back({a, tensor_role::A, i, std::min(d.r, i + a_rows)});
       }
+      tasks_.push_back({a, tensor_role::E, 0, d.r});
+      // B tasks cover whole sum blocks (in the adapter's global row numbering).
+      const index_t b_rows = std::max<index_t>(1, task_elements / (d.r * sum_block)) * sum_block;
+      for (index_t j = 0; j < d.out; j += b_rows)
+        tasks_.push_back({a, tensor_role::B, j, std::min(d.out, j + b_rows)});
     }
-    block_sums_.assign(blocks, 0.0);
     task_non_finite_.assign(tasks_.size(), 0);
     task_bad_score_.assign(tasks_.size(), 0);
   }
 
   std::size_t triplet_count(std::size_t a) const noexcept {
-    return triplet_offset_[a + 1] - triplet_offset_[a];
+    return layout_[a + 1].triplet - layout_[a].triplet;
   }
   std::size_t state_begin(std::size_t a, tensor_role role) const noexcept {
-    const adapter_shape& s = shapes_[a];
-    const auto r = static_cast<std::size_t>(s.rank);
-    std::size_t off = state_offset_[a];
+    const local_dims& d = layout_[a].local;
+    std::size_t off = layout_[a].element;
     if (role == tensor_role::A) return off;
-    off += r * static_cast<std::size_t>(s.in_features);
+    off += static_cast<std::size_t>(d.r * d.in);
     if (role == tensor_role::E) return off;
-    return off + r;
+    return off + static_cast<std::size_t>(d.r);
   }
   std::size_t state_count(std::size_t a, tensor_role role) const noexcept {
-    const adapter_shape& s = shapes_[a];
-    const auto r = static_cast<std::size_t>(s.rank);
+    const local_dims& d = layout_[a].local;
     switch (role) {
-      case tensor_role::A: return r * static_cast<std::size_t>(s.in_features);
-      case tensor_role::E: return r;
-      default: return r * static_cast<std::size_t>(s.out_features);
+      case tensor_role::A: return static_cast<std::size_t>(d.r * d.in);
+      case tensor_role::E: return static_cast<std::size_t>(d.r);
+      default: return static_cast<std::size_t>(d.r * d.out);
     }
   }
   void check_adapter_index(std::size_t a, const char* where) const {
@@ -453,17 +514,18 @@ class rank_allocator {
                     " adapters (as constructed), got ", adapters.size());
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
       const adapter_shape& s = shapes_[a];
+      const local_dims& d = layout_[a].local;
       const svd_adapter_ref<T>& p = adapters[a].params;
-      ADALORA_REQUIRE(p.A.rows() == s.rank && p.A.cols() == s.in_features, where, "adapter ", a,
-                      " ('", s.name, "'): A must be ", s.rank, " x ", s.in_features, ", got ",
-                      p.A.rows(), " x ", p.A.cols());
-      ADALORA_REQUIRE(p.E.size() == s.rank, where, "adapter ", a, " ('", s.name,
-                      "'): E must have size ", s.rank, ", got ", p.E.size());
-      ADALORA_REQUIRE(p.B.rows() == s.out_features && p.B.cols() == s.rank, where, "adapter ",
-                      a, " ('", s.name, "'): B must be ", s.out_features, " x ", s.rank, ", got ",
-                      p.B.rows(), " x ", p.B.cols());
+      ADALORA_REQUIRE(p.A.rows() == d.r && p.A.cols() == d.in, where, "adapter ", a, " ('",
+                      s.name, "'): A must be ", d.r, " x ", d.in, ", got ", p.A.rows(), " x ",
+                      p.A.cols());
+      ADALORA_REQUIRE(p.E.size() == d.r, where, "adapter ", a, " ('", s.name,
+                      "'): E must have size ", d.r, ", got ", p.E.size());
+      ADALORA_REQUIRE(p.B.rows() == d.out && p.B.cols() == d.r, where, "adapter ", a, " ('",
+                      s.name, "'): B must be ", d.out, " x ", d.r, ", got ", p.B.rows(), " x ",
+                      p.B.cols());
       check_same_shapes(p, adapters[a].grads, where);
-      ADALORA_REQUIRE(s.rank == 0 || (p.A.data() && p.E.data() && p.B.data() &&
+      ADALORA_REQUIRE(d.r == 0 || (p.A.data() && p.E.data() && p.B.data() &&
                                       adapters[a].grads.A.data() && adapters[a].grads.E.data() &&
                                       adapters[a].grads.B.data()),
                       where, "adapter ", a, " ('", s.name, "'): a view has null data");
@@ -567,62 +629,66 @@ class rank_allocator {
   void run_task(std::size_t id, std::span<const adapter_tensors<T>> adapters, double* scratch) {
     const task& tk = tasks_[id];
     const std::size_t a = tk.adapter;
-    const adapter_shape& s = shapes_[a];
+    const adapter_layout& L = layout_[a];
+    const adapter_shard& h = shapes_[a].shard;
     const svd_adapter_ref<T>& p = adapters[a].params;
     const svd_adapter_ref<const T>& g = adapters[a].grads;
     const std::size_t b0 = scores_.size();
-    double* pe = partials_.data() + triplet_offset_[a];
-    double* pa = pe + b0;
+    const index_t r = shapes_[a].rank;  // global: block sums are laid out per global triplet
+    const index_t tb = h.triplet_begin;
     T* st = state_.data() + state_begin(a, tk.role) * K;
-    const index_t r = s.rank, in = s.in_features;
     std::int64_t bad = 0;
     bool scores_ok = true;
 
     if (tk.role == tensor_role::A) {
+      // One sum per (triplet, block of sum_block columns), blocks in the global numbering.
+      const index_t in = L.local.in;
+      double* sums = partials_.data() + b0 + L.a_block;
+      const std::size_t first_block = static_cast<std::size_t>(h.in_begin / sum_block);
       for (index_t i = tk.begin; i < tk.end; ++i) {
-        double row = 0.0;
-        for (index_t j0 = 0; j0 < in; j0 += scratch_chunk) {
-          const index_t n = std::min(scratch_chunk, in - j0);
+        double* row = sums + static_cast<std::size_t>(tb + i) * L.a_blocks + first_block;
+        for (index_t j0 = 0; j0 < in; j0 += sum_block) {
+          const index_t n = std::min(sum_block, in - j0);
           bad += score_run<Mode>(tensor_role::A, &p.A(i, j0), p.A.col_stride(), &g.A(i, j0),
-                                 g.A.col_stride(), st + static_cast<std::size_t>(i * in + j0) * K, n,
-                                 scratch);
+                                 g.A.col_stride(), st + static_cast<std::size_t>(i * in + j0) * K,
+                                 n, scratch);
           if constexpr (Mode != pass::check) {
             const double sum = sum_scores(scratch, n);
             scores_ok &= valid_scores(scratch, n, sum);
-            row += sum;
+            row[j0 / sum_block] = sum;
           }
         }
-        if constexpr (Mode != pass::check) pa[i] = row;
       }
     } else if (tk.role == tensor_role::E) {
-      for (index_t i0 = 0; i0 < r; i0 += scratch_chunk) {
-        const index_t n = std::min(scratch_chunk, r - i0);
+      for (index_t i0 = tk.begin; i0 < tk.end; i0 += sum_block) {
+        const index_t n = std::min(sum_block, tk.end - i0);
         bad += score_run<Mode>(tensor_role::E, &p.E[i0], p.E.stride(), &g.E[i0], g.E.stride(),
                                st + static_cast<std::size_t>(i0) * K, n, scratch);
         if constexpr (Mode != pass::check) {
           scores_ok &= valid_scores(scratch, n, sum_scores(scratch, n));
-          std::copy(scratch, scratch + n, pe + i0);
+          if (h.scores_e)
+            std::copy(scratch, scratch + n, partials_.data() + L.triplet + static_cast<std::size_t>(tb + i0));
         }
       }
     } else {
-      double* block = block_sums_.data() + tk.block;
-      if constexpr (Mode != pass::check) std::fill(block, block + r, 0.0);
+      // One sum per (block of sum_block rows, triplet); rows summed in order within a block.
+      const index_t lr = L.local.r;
+      double* sums = partials_.data() + b0 + layout_.back().a_block + L.b_block;
       for (index_t j = tk.begin; j < tk.end; ++j) {
-        for (index_t i0 = 0; i0 < r; i0 += scratch_chunk) {
-          const index_t n = std::min(scratch_chunk, r - i0);
+        const auto block = static_cast<std::size_t>((h.out_begin + j) / sum_block);
+        double* col = sums + block * static_cast<std::size_t>(r) + static_cast<std::size_t>(tb);
+        for (index_t i0 = 0; i0 < lr; i0 += sum_block) {
+          const index_t n = std::min(sum_block, lr - i0);
           bad += score_run<Mode>(tensor_role::B, &p.B(j, i0), p.B.col_stride(), &g.B(j, i0),
-                                 g.B.col_stride(), st + static_cast<std::size_t>(j * r + i0) * K, n,
-                                 scratch);
+                                 g.B.col_stride(), st + static_cast<std::size_t>(j * lr + i0) * K,
+                                 n, scratch);
           if constexpr (Mode != pass::check) {
-            for (index_t i = 0; i < n; ++i) block[i0 + i] += scratch[i];
-            scores_ok &= valid_scores(scratch, n, 0.0);
+            for (index_t i = 0; i < n; ++i) col[i0 + i] += scratch[i];
+            scores_ok &= valid_scores(scratch, n, sum_scores(scratch, n));
           }
         }
       }
     }
-    if constexpr (Mode != pass::check)
-      if (tk.role == tensor_role::B)  // B's non-finite scores show in its block sums
-        for (index_t i = 0; i < r; ++i) scores_ok &= finite(block_sums_[tk.block + static_cast<std::size_t>(i)]);
     task_non_finite_[id] = bad;
     task_bad_score_[id] = scores_ok ? 0 : 1;
   }
@@ -630,7 +696,7 @@ class rank_allocator {
   static void run_task_entry(void* ctx, std::size_t id) {
     auto& c = *static_cast<pass_context*>(ctx);
     // Each task scores through its own L1-sized scratch row on the running thread's stack.
-    double scratch[scratch_chunk];
+    double scratch[sum_block];
     switch (c.mode) {
       case pass::update: c.self->template run_task<pass::update>(id, c.adapters, scratch); break;
       case pass::frozen: c.self->template run_task<pass::frozen>(id, c.adapters, scratch); break;
@@ -641,6 +707,9 @@ class rank_allocator {
   /// One pass over every element (see the class comment). Returns the number of elements whose
   /// parameter or gradient is non-finite; the partial sums are left in partials_.
   std::int64_t run_pass(std::span<const adapter_tensors<T>> adapters, pass mode) {
+    // Entries this process does not hold stay zero, so that the communicator's sum over
+    // processes gives each block sum exactly (x + 0 = x: no rounding, whatever the order).
+    if (mode != pass::check) std::fill(partials_.begin(), partials_.end(), 0.0);
     pass_context ctx{this, adapters, mode};
     first_non_finite_ = {};
     if (pool_)
@@ -657,17 +726,6 @@ class rank_allocator {
             "adalora::rank_allocator::step: the importance metric returned a negative or "
             "non-finite score for finite input in ", describe(tasks_[id]), " at step ",
             result_.step, "; a metric's scores must be finite and >= 0"));
-    }
-    if (mode == pass::check) return bad;
-    // B's column sums: blocks of rows combined in block order, whatever thread ran them.
-    const std::size_t b0 = scores_.size();
-    for (std::size_t a = 0; a < shapes_.size(); ++a)
-      std::fill_n(partials_.data() + 2 * b0 + triplet_offset_[a], triplet_count(a), 0.0);
-    for (const task& tk : tasks_) {
-      if (tk.role != tensor_role::B) continue;
-      double* pb = partials_.data() + 2 * b0 + triplet_offset_[tk.adapter];
-      const double* block = block_sums_.data() + tk.block;
-      for (index_t i = 0; i < shapes_[tk.adapter].rank; ++i) pb[i] += block[i];
     }
     return bad;
   }
@@ -690,13 +748,21 @@ class rank_allocator {
     // S = s(E) + (mean over in of s(A_i.) + mean over out of s(B_.i)) in the references'
     // association (PEFT _combine_ipt, then E + that), each term rounded to T as torch rounds
     // it; beyond T's range the double value is kept (rounding is monotone, so order is kept).
+    // Row and column sums add the block sums in block order: the same in any sharding.
+    const double* a_sums = partials_.data() + n;
+    const double* b_sums = a_sums + layout_.back().a_block;
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      const adapter_layout& L = layout_[a];
+      const auto r = static_cast<std::size_t>(shapes_[a].rank);
       const double in = static_cast<double>(shapes_[a].in_features);
       const double out = static_cast<double>(shapes_[a].out_features);
-      for (std::size_t i = triplet_offset_[a]; i < triplet_offset_[a + 1]; ++i) {
-        const double e = partials_[i], mean_a = partials_[n + i] / in, mean_b = partials_[2 * n + i] / out;
+      for (std::size_t i = 0; i < r; ++i) {
+        double row = 0.0, col = 0.0;
+        for (std::size_t b = 0; b < L.a_blocks; ++b) row += a_sums[L.a_block + i * L.a_blocks + b];
+        for (std::size_t b = 0; b < L.b_blocks; ++b) col += b_sums[L.b_block + b * r + i];
+        const double e = partials_[L.triplet + i], mean_a = row / in, mean_b = col / out;
         const T rounded = static_cast<T>(e) + (static_cast<T>(mean_a) + static_cast<T>(mean_b));
-        scores_[i] = finite(rounded) ? static_cast<double>(rounded) : e + (mean_a + mean_b);
+        scores_[L.triplet + i] = finite(rounded) ? static_cast<double>(rounded) : e + (mean_a + mean_b);
       }
     }
 
@@ -731,17 +797,18 @@ class rank_allocator {
     apply_pattern(adapters);
   }
 
-  /// E_i = 0 where the current pattern prunes triplet i; recounts kept per adapter.
+  /// E_i = 0 where the current pattern prunes triplet i (for the E entries this process holds);
+  /// recounts kept per adapter (over all its triplets: every process knows the whole pattern).
   void apply_pattern(std::span<const adapter_tensors<T>> adapters) {
     index_t total = 0;
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
       const vector_view<T>& e = adapters[a].params.E;
-      const std::uint8_t* keep = kept_mask_.data() + triplet_offset_[a];
+      const std::uint8_t* keep = kept_mask_.data() + layout_[a].triplet;
+      const index_t tb = shapes_[a].shard.triplet_begin;
+      for (index_t i = 0; i < e.size(); ++i)
+        if (!keep[tb + i]) e[i] = T(0);
       index_t kept = 0;
-      for (index_t i = 0; i < e.size(); ++i) {
-        if (keep[i]) ++kept;
-        else e[i] = T(0);
-      }
+      for (std::size_t i = 0; i < triplet_count(a); ++i) kept += keep[i] ? 1 : 0;
       kept_[a] = kept;
       total += kept;
     }
@@ -754,17 +821,15 @@ class rank_allocator {
   allocator_options options_;
   Comm comm_;
 
-  std::vector<std::size_t> triplet_offset_;  // first triplet of each adapter; back() = b0
-  std::vector<std::size_t> state_offset_;    // first element of each adapter (A, E, B in turn)
+  std::vector<adapter_layout> layout_;       // per adapter, plus a sentinel with the totals
   std::vector<T> state_;                     // K values per element
-  std::vector<double> partials_;             // s(E_i) for all i, then Σ s(A_i.), then Σ s(B_.i)
+  std::vector<double> partials_;             // s(E_i), then A's and B's block sums
   std::vector<double> scores_;               // per triplet, last mask event
   std::vector<double> select_;               // scratch for nth_element
   std::vector<std::size_t> order_;           // scratch for exact_budget
   std::vector<std::uint8_t> kept_mask_;      // per triplet: 1 kept, 0 pruned
   std::vector<index_t> kept_;                // per adapter
   std::vector<task> tasks_;
-  std::vector<double> block_sums_;           // B tasks' partial column sums
   std::vector<std::int64_t> task_non_finite_;
   std::vector<std::uint8_t> task_bad_score_;
   char describe_buffer_[256] = {};
