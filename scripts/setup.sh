@@ -7,8 +7,17 @@ packages=(
   bazel-bootstrap default-jdk-headless g++     # build: Bazel 4.2.3 (offline) and g++ 12
   libeigen3-dev libxtensor-dev xtl-dev libxsimd-dev nlohmann-json3-dev zlib1g-dev
   catch2 libbenchmark-dev                      # tests and micro-benchmarks
+  libopenmpi-dev openmpi-bin                   # //adalora/integrations:mpi, its tests and example
+  cmake make                                   # tests/cmake_consumer_test.sh
   "$@"
 )
+# For the targets tagged "libtorch": installed when possible; where not, scripts/test.sh skips
+# those targets and says so.
+optional=(libtorch-dev python3-torch)
+missing_optional=()
+for p in "${optional[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing_optional+=("$p")
+done
 
 missing=()
 for p in "${packages[@]}"; do
@@ -16,20 +25,31 @@ for p in "${packages[@]}"; do
     missing+=("$p")
   fi
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup: all ${#packages[@]} Debian packages already installed"
+if [ ${#missing[@]} -eq 0 ] && [ ${#missing_optional[@]} -eq 0 ]; then
+  echo "setup: all $((${#packages[@]} + ${#optional[@]})) Debian packages already installed"
   exit 0
 fi
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-    echo "setup: need root (or sudo) to install: ${missing[*]}" >&2
+    echo "setup: need root (or sudo) to install: ${missing[*]} ${missing_optional[*]}" >&2
+    [ ${#missing[@]} -eq 0 ] && exit 0  # only optional packages missing
     exit 1
   fi
 fi
-echo "setup: installing missing Debian packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-echo "setup: installed ${#missing[@]} package(s)"
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing missing Debian packages: ${missing[*]}"
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "setup: installed ${#missing[@]} package(s)"
+fi
+if [ ${#missing_optional[@]} -gt 0 ]; then
+  echo "setup: installing missing Debian packages for libtorch: ${missing_optional[*]}"
+  if $sudo apt-get install -y -qq --no-install-recommends "${missing_optional[@]}" >/dev/null; then
+    echo "setup: installed ${#missing_optional[@]} package(s)"
+  else
+    echo "setup: could not install ${missing_optional[*]}: the libtorch targets will be skipped" >&2
+  fi
+fi

@@ -269,6 +269,26 @@ TEMPLATE_TEST_CASE("extreme but finite values do not overflow the scores", "[all
           std::vector<adalora::index_t>{1, 0});
 }
 
+TEST_CASE("a product of finite values beyond float's range leaves that element's state as it was",
+          "[allocator]") {
+  // |w·∇w| = 1e60 does not fit a float; the reference would store inf for good.
+  std::vector<adapter_storage<float>> s;
+  s.emplace_back(2, 2, 1);
+  std::fill(s[0].gA.begin(), s[0].gA.end(), 1.0f);
+  std::fill(s[0].gB.begin(), s[0].gB.end(), 1.0f);
+  s[0].A[1] = 1e30f;
+  s[0].gA[1] = 1e30f;
+  auto views = tensors_of(s);
+  adalora::rank_allocator<float, adalora::smoothed_sensitivity, fixed_budget> alloc({{"a", 2, 2, 1}},
+                                                                                    fixed_budget{1, 0});
+  for (std::int64_t t = 0; t < 3; ++t) REQUIRE_NOTHROW(alloc.step(t, views));
+  const auto stA = alloc.state(0, adalora::tensor_role::A);
+  REQUIRE(stA[2] == 0.0f);  // the overflowing element: untouched
+  REQUIRE(stA[3] == 0.0f);
+  REQUIRE(stA[0] > 0.0f);   // its neighbour moved
+  REQUIRE(std::isfinite(alloc.triplet_scores()[0]));
+}
+
 TEST_CASE("a metric that breaks its contract is named, not ranked", "[allocator][errors]") {
   std::vector<adapter_storage<double>> s;
   s.emplace_back(3, 2, 2);

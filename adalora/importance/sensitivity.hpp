@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <span>
 
 #include "adalora/importance/metric.hpp"
@@ -18,7 +19,9 @@ struct sensitivity {
 
   template <class T>
   T update(tensor_role, T param, T grad, std::span<T, state_size> state) const noexcept {
-    state[0] = std::abs(param * grad);
+    const T ipt = std::abs(param * grad);
+    // A product beyond T's range keeps the last finite value (see smoothed_sensitivity).
+    state[0] = ipt <= std::numeric_limits<T>::max() ? ipt : state[0];
     return state[0];
   }
 

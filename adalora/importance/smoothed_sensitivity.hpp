@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <span>
 #include <type_traits>
 
@@ -51,9 +52,13 @@ struct smoothed_sensitivity {
     const T ipt = std::abs(param * grad);
     const T ema = b1 * state[0] + c1 * ipt;
     const T unc = b2 * state[1] + c2 * std::abs(ipt - ema);
-    state[0] = ema;
-    state[1] = unc;
-    return static_cast<double>(ema) * static_cast<double>(unc);
+    // A product beyond T's range (|w·∇w| > FLT_MAX for finite w and ∇w) would make the state
+    // infinite for good: that element keeps its state this step instead (written as selects,
+    // so the loop still vectorises).
+    const bool fits = unc <= std::numeric_limits<T>::max();
+    state[0] = fits ? ema : state[0];
+    state[1] = fits ? unc : state[1];
+    return static_cast<double>(state[0]) * static_cast<double>(state[1]);
   }
 
   template <class T>

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the benchmarks optimised and runs them side by side with the PyTorch reference idioms
+# (benchmarks/compare_torch.py, Debian's python3-torch): one table of medians and ratios.
+#
+#   benchmarks/compare.sh                      # all shapes, 1 and 2 threads, 5 repetitions
+#   benchmarks/compare.sh --json perf.json     # also write the table as JSON
+#   benchmarks/compare.sh --reps 3 --quick     # faster: skips the ~30 s LLaMA r=64 torch regularizer
+#
+# Numbers are only comparable within one run: the machines are shared and noisy, so the script
+# measures both sides (and the triad/GEMM rooflines) in the same run and reports medians.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bazel build --config=opt //benchmarks:adalora_bench
+# The bazel-bin symlink follows whatever configuration was built last (possibly by another
+# command); ask Bazel where the opt binary is, and run a private copy of it.
+bin_dir="$(bazel info --config=opt bazel-bin)"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+cp "$bin_dir/benchmarks/adalora_bench" "$tmp/adalora_bench"
+# Debian's torch is installed for the system interpreter, not for whatever `python3` is first
+# on PATH.
+/usr/bin/python3 benchmarks/compare_torch.py --binary "$tmp/adalora_bench" "$@"

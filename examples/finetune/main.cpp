@@ -1,0 +1,698 @@
+// The fine-tuning demo: LoRA vs AdaLoRA at the same final total rank, with full fine-tuning as a
+// reference line, on a known-answer problem (planted ranks) and on Fashion-MNIST.
+//
+//   bazel run --config=opt //examples/finetune -- [--task planted|fashion-mnist|all] ...
+//   (run with --help for every flag)
+//
+// Every (method, budget) is trained with the same steps, Adam and data for each learning rate of
+// a small grid and each seed; the learning rate is chosen per method and budget on the
+// validation set (mean over the seeds), and the test metric of that choice is reported.
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "examples/finetune/data.hpp"
+#include "examples/finetune/model.hpp"
+#include "examples/finetune/svg.hpp"
+#include "examples/finetune/tasks.hpp"
+#include "examples/finetune/train.hpp"
+
+namespace {
+
+using namespace finetune;
+namespace fs = std::filesystem;
+using svg::format;
+
+constexpr const char* usage = R"(usage: finetune [flags]
+
+Fine-tunes a pre-trained network with LoRA (fixed rank r per matrix) and with AdaLoRA (the adalora
+library: SVD adapters, orthogonality regularizer, rank allocator with the cubic schedule) at the
+same final total rank, plus full fine-tuning as a reference; prints a table and writes pictures.
+
+flags:
+  --task NAME          planted (default): a known answer, every matrix's ideal update has a
+                       planted rank; fashion-mnist: pre-train on 5 classes, fine-tune to the
+                       other 5; all: both, one after the other
+  --seeds N            seeds per (method, budget, learning rate) (default 3)
+  --budgets LIST       ranks per matrix, comma-separated, each in 1..7
+                       (default 1,2,4 for planted, 2,4 for fashion-mnist)
+  --steps N            optimizer steps per run (default 1200 planted, 600 fashion-mnist)
+  --out DIR            output folder (default out/finetune): <task>_ranks.svg, <task>_curves.svg,
+                       <task>_rank_history.csv, <task>_table.md, summary.json
+  --summary-json PATH  where to write the JSON summary (default DIR/summary.json)
+  --threads N          runs trained in parallel (default: the number of CPUs)
+  --data-dir DIR       Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)
+  --pretrain-steps N   fashion-mnist pre-training steps (default 300)
+  --ablations          also train, per budget, AdaLoRA's SVD form at a fixed rank (no pruning)
+                       and LoRA at the ranks AdaLoRA kept: which part of AdaLoRA helps?
+  --help               this text
+
+Exit status: 0 on success, 1 on a runtime error (e.g. missing data), 2 on a bad flag.
+)";
+
+/// A command-line mistake: reported with the usage hint and exit status 2.
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct flags {
+  std::string task = "planted";
+  int seeds = 3;
+  std::vector<int> budgets;  // empty: the task's default
+  std::int64_t steps = 0;    // 0: the task's default
+  std::string out = "out/finetune";
+  std::string summary_json;  // empty: <out>/summary.json
+  int threads = 0;           // 0: hardware_concurrency
+  std::string data_dir = fashion_mnist_default_dir;
+  std::int64_t pretrain_steps = 300;
+  bool ablations = false;
+};
+
+/// A positive integer, the whole string, in [1, max].
+std::int64_t parse_positive(const std::string& flag, const std::string& text, std::int64_t max) {
+  std::int64_t v = 0;
+  const char* end = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec != std::errc() || ptr != end || v < 1 || v > max)
+    throw usage_error(flag + " expects an integer in 1.." + std::to_string(max) + ", got '" + text +
+                      "'");
+  return v;
+}
+
+flags parse_flags(int argc, char** argv) {
+  flags f;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i], value;
+    bool has_value = false;
+    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    if (arg == "--help" || arg == "-h") {
+      std::cout << usage;
+      std::exit(0);
+    }
+    const auto next = [&]() -> std::string {
+      if (has_value) return value;
+      if (i + 1 >= argc) throw usage_error(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--task") {
+      f.task = next();
+      if (f.task != "planted" && f.task != "fashion-mnist" && f.task != "all")
+        throw usage_error("--task must be planted, fashion-mnist or all, got '" + f.task + "'");
+    } else if (arg == "--seeds") {
+      f.seeds = static_cast<int>(parse_positive(arg, next(), 100));
+    } else if (arg == "--budgets") {
+      const std::string list = next();
+      std::stringstream in(list);
+      std::string item;
+      f.budgets.clear();
+      while (std::getline(in, item, ',')) {
+        const int b = static_cast<int>(parse_positive("--budgets", item, 7));
+        if (std::find(f.budgets.begin(), f.budgets.end(), b) != f.budgets.end())
+          throw usage_error("--budgets lists " + item + " twice");
+        f.budgets.push_back(b);
+      }
+      if (f.budgets.empty() || list.back() == ',')
+        throw usage_error("--budgets expects a comma-separated list such as 1,2,4, got '" + list +
+                          "'");
+    } else if (arg == "--steps") {
+      f.steps = parse_positive(arg, next(), 10'000'000);
+    } else if (arg == "--out") {
+      f.out = next();
+      if (f.out.empty()) throw usage_error("--out needs a folder name");
+    } else if (arg == "--summary-json") {
+      f.summary_json = next();
+      if (f.summary_json.empty()) throw usage_error("--summary-json needs a file name");
+    } else if (arg == "--threads") {
+      f.threads = static_cast<int>(parse_positive(arg, next(), 256));
+    } else if (arg == "--data-dir") {
+      f.data_dir = next();
+    } else if (arg == "--ablations") {
+      if (has_value) throw usage_error("--ablations takes no value");
+      f.ablations = true;
+    } else if (arg == "--pretrain-steps") {
+      f.pretrain_steps = parse_positive(arg, next(), 10'000'000);
+    } else {
+      throw usage_error("unknown flag '" + std::string(argv[i]) + "'");
+    }
+  }
+  return f;
+}
+
+/// `bazel run` starts the binary in its runfiles tree; relative paths mean the user's folder.
+fs::path user_path(const std::string& p) {
+  const fs::path path(p);
+  if (path.is_absolute()) return path;
+  if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY")) return fs::path(wd) / path;
+  return path;
+}
+
+void write_file(const fs::path& p, const std::string& content) {
+  std::ofstream out(p, std::ios::binary);
+  out << content;
+  if (!out) throw std::runtime_error("cannot write " + p.string());
+}
+
+// ---- statistics -------------------------------------------------------------------------------
+
+double mean(const std::vector<double>& v) {
+  return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+}
+
+/// Sample standard deviation (n − 1); 0 for a single value.
+double stddev(const std::vector<double>& v) {
+  if (v.size() < 2) return 0;
+  const double m = mean(v);
+  double s = 0;
+  for (const double x : v) s += (x - m) * (x - m);
+  return std::sqrt(s / static_cast<double>(v.size() - 1));
+}
+
+/// Ranks (1-based, ties averaged) of the values.
+std::vector<double> fractional_ranks(const std::vector<double>& v) {
+  std::vector<std::size_t> idx(v.size());
+  std::iota(idx.begin(), idx.end(), std::size_t{0});
+  std::sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) { return v[a] < v[b]; });
+  std::vector<double> r(v.size());
+  for (std::size_t i = 0; i < idx.size();) {
+    std::size_t j = i;
+    while (j + 1 < idx.size() && v[idx[j + 1]] == v[idx[i]]) ++j;
+    for (std::size_t k = i; k <= j; ++k) r[idx[k]] = (static_cast<double>(i + j) / 2.0) + 1.0;
+    i = j + 1;
+  }
+  return r;
+}
+
+/// Spearman's rank correlation (Pearson's on the fractional ranks); NaN if either is constant.
+double spearman(const std::vector<double>& a, const std::vector<double>& b) {
+  const std::vector<double> ra = fractional_ranks(a), rb = fractional_ranks(b);
+  const double ma = mean(ra), mb = mean(rb);
+  double sab = 0, saa = 0, sbb = 0;
+  for (std::size_t i = 0; i < ra.size(); ++i) {
+    sab += (ra[i] - ma) * (rb[i] - mb);
+    saa += (ra[i] - ma) * (ra[i] - ma);
+    sbb += (rb[i] - mb) * (rb[i] - mb);
+  }
+  return saa > 0 && sbb > 0 ? sab / std::sqrt(saa * sbb) : std::nan("");
+}
+
+// ---- running the grid -------------------------------------------------------------------------
+
+/// A row of the table: a method at a budget. `adalora_ranks` is the ablation "LoRA at the ranks
+/// AdaLoRA kept" (per seed, from AdaLoRA's run at the same budget and seed).
+struct arm {
+  method kind = method::lora;
+  int budget = 0;  // rank per matrix; 0 for full fine-tuning
+  bool adalora_ranks = false;
+
+  std::string label() const {
+    if (adalora_ranks) return "LoRA at AdaLoRA's ranks";
+    switch (kind) {
+      case method::full: return "full";
+      case method::lora: return "LoRA";
+      case method::svd: return "SVD form, no pruning";
+      default: return "AdaLoRA";
+    }
+  }
+  /// The JSON name.
+  std::string name() const {
+    if (adalora_ranks) return "lora_adalora_ranks";
+    switch (kind) {
+      case method::full: return "full";
+      case method::lora: return "lora";
+      case method::svd: return "svd_fixed_rank";
+      default: return "adalora";
+    }
+  }
+  /// Table order: by budget, LoRA first, full fine-tuning last.
+  int order() const {
+    const int within = adalora_ranks             ? 3
+                       : kind == method::lora    ? 0
+                       : kind == method::adalora ? 1
+                                                 : 2;
+    return kind == method::full ? 1 << 20 : budget * 8 + within;
+  }
+};
+
+/// One arm after choosing its learning rate.
+struct arm_summary {
+  arm a;
+  double lr = 0;
+  std::vector<const run_result*> runs;     // the chosen learning rate, one per seed
+  std::vector<double> metric;              // test metric per seed
+  std::vector<double> test_loss;           // test loss per seed
+  std::vector<double> mean_ranks;          // per matrix, over seeds
+  double params = 0;                       // mean over seeds
+  double ratio = std::nan("");             // mean metric / plain LoRA's at the same budget
+  double difference = std::nan("");        // mean metric − plain LoRA's
+  double rank_correlation = std::nan("");  // AdaLoRA, planted: Spearman vs planted, hidden layers
+};
+
+std::string ranks_text(const std::vector<double>& r) {
+  std::string s;
+  for (const double x : r) {
+    if (!s.empty()) s += ' ';
+    s += std::abs(x - std::round(x)) < 1e-9 ? format("%.0f", x) : format("%.1f", x);
+  }
+  return s;
+}
+
+std::string ranks_text(const std::vector<int>& r) {
+  return ranks_text(std::vector<double>(r.begin(), r.end()));
+}
+
+class task_runner {
+ public:
+  task_runner(const task& t, const flags& f, std::vector<int> budgets, std::int64_t steps)
+      : t_(t), f_(f), budgets_(std::move(budgets)), steps_(steps) {}
+
+  /// Trains every arm at every learning rate of its grid and every seed, on a pool of threads,
+  /// and picks each arm's learning rate. With ablations, a second round trains LoRA at the
+  /// ranks AdaLoRA kept.
+  void run() {
+    std::vector<arm> first, second;
+    // The slowest runs (the SVD form) first, so that the pool ends together.
+    for (const int b : budgets_) first.push_back({method::adalora, b});
+    if (f_.ablations)
+      for (const int b : budgets_) first.push_back({method::svd, b});
+    first.push_back({method::full, 0});
+    for (const int b : budgets_) first.push_back({method::lora, b});
+    if (f_.ablations)
+      for (const int b : budgets_) second.push_back({method::lora, b, true});
+    total_ = jobs_of(first) + jobs_of(second);
+    train(first);
+    train(second);  // needs AdaLoRA's kept ranks from the first round
+    std::sort(summaries_.begin(), summaries_.end(),
+              [](const arm_summary& x, const arm_summary& y) { return x.a.order() < y.a.order(); });
+    for (arm_summary& c : summaries_) compare(c);
+  }
+
+  /// The table, as Markdown (what the README shows) and for the terminal.
+  std::string table() const {
+    const bool planted = !t_.planted.empty();
+    std::string s = "| method | budget (rank/matrix) | trainable params | lr | " +
+                    std::string(planted ? "test loss (MSE / pre-trained MSE)" : "test accuracy") +
+                    " | vs LoRA | ranks per matrix (" + matrix_names() + ") |\n";
+    s += "|---|---|---|---|---|---|---|\n";
+    for (const arm_summary& c : summaries_) {
+      const bool full = c.a.kind == method::full;
+      s += "| " + c.a.label() + " | " + (full ? std::string("-") : std::to_string(c.a.budget)) +
+           " | " + format("%.0f", c.params) + " | " + format("%.0e", c.lr) + " | " +
+           format("%.4f ± %.4f", mean(c.metric), stddev(c.metric)) + " | " + vs_lora(c) + " | " +
+           (full ? std::string("dense") : ranks_text(c.mean_ranks)) + " |\n";
+    }
+    if (planted) s += "| planted | | | | | | " + ranks_text(t_.planted) + " |\n";
+    return s;
+  }
+
+  std::string notes() const {
+    std::string s = format(
+        "%s: %d seed(s), %lld steps, batch %ld, Adam; learning rate per method "
+        "and budget chosen on the validation set from {",
+        t_.name.c_str(), f_.seeds, static_cast<long long>(steps_), static_cast<long>(t_.batch));
+    for (std::size_t i = 0; i < t_.lr_grid_adapters.size(); ++i)
+      s += (i ? ", " : "") + format("%.0e", t_.lr_grid_adapters[i]);
+    s += "} (full: {";
+    for (std::size_t i = 0; i < t_.lr_grid_full.size(); ++i)
+      s += (i ? ", " : "") + format("%.0e", t_.lr_grid_full[i]);
+    s += format("}). AdaLoRA starts at rank %d per matrix; ranks are means over seeds.\n",
+                t_.ada.initial_rank);
+    if (!t_.planted.empty()) {
+      for (const arm_summary& c : summaries_)
+        if (!std::isnan(c.rank_correlation))
+          s += format(
+              "budget %d: AdaLoRA's kept ranks vs the planted ones on the hidden layers: "
+              "Spearman %.2f\n",
+              c.a.budget, c.rank_correlation);
+    } else {
+      s += format("pre-trained model: %.4f accuracy on its own 5 classes, 0 on the new ones\n",
+                  t_.pretrained_accuracy);
+    }
+    return s;
+  }
+
+  void write_outputs(const fs::path& dir) const {
+    fs::create_directories(dir);
+    write_file(dir / (t_.name + "_table.md"), notes() + "\n" + table());
+    write_file(dir / (t_.name + "_rank_history.csv"), rank_history_csv());
+    write_file(dir / (t_.name + "_ranks.svg"), ranks_svg());
+    write_file(dir / (t_.name + "_curves.svg"), curves_svg());
+  }
+
+  /// This task's entry of the JSON summary.
+  std::string json() const {
+    std::string s = "    {\n";
+    s += "      \"task\": \"" + t_.name + "\",\n";
+    s += "      \"metric\": \"" + t_.metric + "\",\n";
+    s += format("      \"higher_is_better\": %s,\n", t_.higher_is_better ? "true" : "false");
+    s += format("      \"steps\": %lld,\n      \"seeds\": %d,\n", static_cast<long long>(steps_),
+                f_.seeds);
+    s += "      \"adapters\": [";
+    for (std::size_t l = 0; l < t_.base.layers.size(); ++l)
+      s += (l ? ", " : "") + ("\"" + t_.base.layers[l].name + "\"");
+    s += "],\n";
+    if (!t_.planted.empty()) s += "      \"planted_ranks\": " + int_list(t_.planted) + ",\n";
+    s += "      \"results\": [\n";
+    for (std::size_t k = 0; k < summaries_.size(); ++k) {
+      const arm_summary& c = summaries_[k];
+      s += "        {\"method\": \"" + c.a.name() + "\", ";
+      s += c.a.kind == method::full ? std::string("\"budget\": null, ")
+                                    : format("\"budget\": %d, ", c.a.budget);
+      s += "\"metric\": \"" + t_.metric + "\", ";
+      s += format("\"mean\": %.6g, \"std\": %.6g, ", mean(c.metric), stddev(c.metric));
+      s += format("\"params\": %.0f, \"lr\": %g, ", c.params, c.lr);
+      s += format("\"test_loss_mean\": %.6g, \"test_loss_std\": %.6g, ", mean(c.test_loss),
+                  stddev(c.test_loss));
+      if (!std::isnan(c.ratio))
+        s += format("\"ratio_to_lora\": %.6g, \"difference_to_lora\": %.6g, ", c.ratio,
+                    c.difference);
+      if (!std::isnan(c.rank_correlation))
+        s += format("\"rank_spearman_hidden\": %.6g, ", c.rank_correlation);
+      s += "\"values\": [";
+      for (std::size_t i = 0; i < c.metric.size(); ++i)
+        s += (i ? ", " : "") + format("%.6g", c.metric[i]);
+      s += "], \"ranks\": [";
+      for (std::size_t i = 0; i < c.runs.size(); ++i)
+        s += (i ? ", " : "") + int_list(c.runs[i]->ranks);
+      s += "]}";
+      s += k + 1 < summaries_.size() ? ",\n" : "\n";
+    }
+    s += "      ]\n    }";
+    return s;
+  }
+
+ private:
+  static std::string int_list(const std::vector<int>& v) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + "]";
+  }
+
+  std::string matrix_names() const {
+    std::string s;
+    for (const linear& L : t_.base.layers) s += (s.empty() ? "" : " ") + L.name;
+    return s;
+  }
+
+  /// Against plain LoRA at the same budget: the loss ratio, or the accuracy difference.
+  std::string vs_lora(const arm_summary& c) const {
+    if (std::isnan(c.ratio)) return "";
+    if (!t_.higher_is_better) return format("%.2f×", c.ratio);
+    return format("%+.1f points", 100 * c.difference);
+  }
+
+  const arm_summary* find(const arm& a) const {
+    for (const arm_summary& c : summaries_)
+      if (c.a.kind == a.kind && c.a.budget == a.budget && c.a.adalora_ranks == a.adalora_ranks)
+        return &c;
+    return nullptr;
+  }
+
+  /// Trains the arms (every learning rate and seed) and appends their summaries.
+  void train(const std::vector<arm>& arms) {
+    std::vector<run_config> jobs;
+    std::vector<std::size_t> arm_of;
+    for (std::size_t k = 0; k < arms.size(); ++k) {
+      const arm& a = arms[k];
+      const arm_summary* adalora = a.adalora_ranks ? find({method::adalora, a.budget}) : nullptr;
+      for (const double lr : a.kind == method::full ? t_.lr_grid_full : t_.lr_grid_adapters)
+        for (int s = 0; s < f_.seeds; ++s) {
+          run_config c;
+          c.kind = a.kind;
+          c.budget = a.budget;
+          if (adalora != nullptr) c.layer_ranks = adalora->runs[static_cast<std::size_t>(s)]->ranks;
+          c.lr = lr;
+          c.seed = static_cast<std::uint64_t>(s);
+          c.steps = steps_;
+          c.batch = t_.batch;
+          c.ada = t_.ada;
+          jobs.push_back(std::move(c));
+          arm_of.push_back(k);
+        }
+    }
+
+    std::vector<run_result> results(jobs.size());
+    std::atomic<std::size_t> next{0};
+    std::mutex print;
+    const auto worker = [&] {
+      for (std::size_t i; (i = next++) < jobs.size();) {
+        results[i] = train_run(t_.base, t_.data, t_.loss, jobs[i]);
+        const run_result& r = results[i];
+        const arm& a = arms[arm_of[i]];
+        const std::lock_guard<std::mutex> lock(print);
+        std::cerr << format("[%s %3zu/%zu] %s%s, lr %.0e, seed %d: validation %s %.4f",
+                            t_.name.c_str(), ++done_, total_, a.label().c_str(),
+                            a.kind == method::full ? "" : format(", budget %d", a.budget).c_str(),
+                            r.config.lr, static_cast<int>(r.config.seed),
+                            t_.higher_is_better ? "accuracy" : "loss",
+                            t_.higher_is_better ? r.validation.accuracy : r.validation.loss);
+        if (a.kind != method::full) std::cerr << ", ranks " << ranks_text(r.ranks);
+        std::cerr << format(" (%.1f s)\n", r.seconds);
+      }
+    };
+    const unsigned n_threads = f_.threads > 0 ? static_cast<unsigned>(f_.threads)
+                                              : std::max(1u, std::thread::hardware_concurrency());
+    std::vector<std::thread> pool;
+    for (unsigned k = 0; k < std::min<std::size_t>(n_threads, jobs.size()); ++k)
+      pool.emplace_back(worker);
+    for (std::thread& th : pool) th.join();
+
+    // Keep the results (a deque: earlier summaries point into it) and summarise each arm.
+    const std::size_t base = results_.size();
+    for (run_result& r : results) results_.push_back(std::move(r));
+    for (std::size_t k = 0; k < arms.size(); ++k) {
+      std::vector<const run_result*> runs;
+      for (std::size_t i = 0; i < jobs.size(); ++i)
+        if (arm_of[i] == k) runs.push_back(&results_[base + i]);
+      summaries_.push_back(summarize(arms[k], runs));
+    }
+  }
+
+  /// How many runs the arms take (for the progress counter).
+  std::size_t jobs_of(const std::vector<arm>& arms) const {
+    std::size_t n = 0;
+    for (const arm& a : arms)
+      n += (a.kind == method::full ? t_.lr_grid_full : t_.lr_grid_adapters).size() *
+           static_cast<std::size_t>(f_.seeds);
+    return n;
+  }
+
+  /// Picks the arm's learning rate on the validation set (mean over seeds) and collects the
+  /// test numbers of that choice.
+  arm_summary summarize(const arm& a, const std::vector<const run_result*>& runs) const {
+    std::map<double, std::vector<const run_result*>> by_lr;
+    for (const run_result* r : runs) by_lr[r->config.lr].push_back(r);
+    arm_summary c;
+    c.a = a;
+    double best = 0;
+    for (const auto& [lr, group] : by_lr) {
+      std::vector<double> v;
+      for (const run_result* r : group)
+        v.push_back(t_.higher_is_better ? r->validation.accuracy : r->validation.loss);
+      const double score = t_.higher_is_better ? -mean(v) : mean(v);
+      if (c.runs.empty() || score < best) {
+        best = score;
+        c.lr = lr;
+        c.runs = group;
+      }
+    }
+    for (const run_result* r : c.runs) {
+      c.metric.push_back(t_.higher_is_better ? r->test.accuracy : r->test.loss);
+      c.test_loss.push_back(r->test.loss);
+      c.params += static_cast<double>(r->params) / static_cast<double>(c.runs.size());
+    }
+    c.mean_ranks.assign(c.runs.front()->ranks.size(), 0.0);
+    for (const run_result* r : c.runs)
+      for (std::size_t l = 0; l < r->ranks.size(); ++l)
+        c.mean_ranks[l] += r->ranks[l] / static_cast<double>(c.runs.size());
+    if (a.kind == method::adalora && !t_.planted.empty()) {
+      std::vector<double> planted, kept;
+      for (const int l : t_.judged) {
+        planted.push_back(t_.planted[static_cast<std::size_t>(l)]);
+        kept.push_back(c.mean_ranks[static_cast<std::size_t>(l)]);
+      }
+      c.rank_correlation = spearman(planted, kept);
+    }
+    return c;
+  }
+
+  /// Fills the comparison with plain LoRA at the same budget.
+  void compare(arm_summary& c) const {
+    if (c.a.kind == method::full || (c.a.kind == method::lora && !c.a.adalora_ranks)) return;
+    if (const arm_summary* lora = find({method::lora, c.a.budget})) {
+      c.ratio = mean(c.metric) / mean(lora->metric);
+      c.difference = mean(c.metric) - mean(lora->metric);
+    }
+  }
+
+  std::string rank_history_csv() const {
+    std::string s = "budget,seed,step,adapter,kept\n";
+    for (const arm_summary& c : summaries_) {
+      if (c.a.kind != method::adalora) continue;
+      for (const run_result* r : c.runs)
+        for (const rank_event& e : r->rank_history)
+          for (std::size_t l = 0; l < e.kept.size(); ++l)
+            s += format("%d,%d,%lld,%s,%d\n", c.a.budget, static_cast<int>(r->config.seed),
+                        static_cast<long long>(e.step), t_.base.layers[l].name.c_str(), e.kept[l]);
+    }
+    return s;
+  }
+
+  std::string ranks_svg() const {
+    std::vector<std::string> columns;
+    for (const linear& L : t_.base.layers)
+      columns.push_back(L.name +
+                        format(" %ld×%ld", static_cast<long>(L.out()), static_cast<long>(L.in())));
+    std::vector<svg::heat_row> rows;
+    if (!t_.planted.empty())
+      rows.push_back({"planted", std::vector<double>(t_.planted.begin(), t_.planted.end())});
+    for (const arm_summary& c : summaries_)
+      if (c.a.kind == method::adalora)
+        rows.push_back({format("AdaLoRA, budget %d (%zu in all)", c.a.budget,
+                               static_cast<std::size_t>(c.a.budget) * t_.base.layers.size()),
+                        c.mean_ranks});
+    return svg::rank_heatmap(
+        t_.name + ": final rank of each adapted matrix",
+        format(
+            "AdaLoRA from rank %d per matrix, mean of %d seed(s); LoRA keeps its rank everywhere",
+            t_.ada.initial_rank, f_.seeds),
+        columns, rows, t_.ada.initial_rank);
+  }
+
+  std::string curves_svg() const {
+    const auto mean_curve = [](const arm_summary& c) {
+      std::vector<std::pair<double, double>> pts;
+      for (std::size_t i = 0; i < c.runs.front()->curve.size(); ++i) {
+        double y = 0;
+        for (const run_result* r : c.runs)
+          y += r->curve[i].validation.loss / static_cast<double>(c.runs.size());
+        pts.emplace_back(static_cast<double>(c.runs.front()->curve[i].step), y);
+      }
+      return pts;
+    };
+    const arm_summary* full = find({method::full, 0});
+    std::vector<svg::panel> panels;
+    for (const int b : budgets_) {
+      svg::panel p;
+      p.title = format("rank %d per matrix", b);
+      if (const arm_summary* c = find({method::lora, b}))
+        p.lines.push_back({"LoRA", "#1f77b4", "", mean_curve(*c)});
+      if (const arm_summary* c = find({method::adalora, b}))
+        p.lines.push_back({"AdaLoRA", "#d62728", "", mean_curve(*c)});
+      if (full != nullptr)
+        p.lines.push_back({"full fine-tuning", "#777", "6,4", mean_curve(*full)});
+      const auto at = [&](double fraction) {
+        return static_cast<double>(static_cast<std::int64_t>(fraction * double(steps_)));
+      };
+      p.markers = {at(t_.ada.tinit), static_cast<double>(steps_) - at(t_.ada.tfinal)};
+      panels.push_back(std::move(p));
+    }
+    return svg::line_chart(
+        t_.name + (t_.planted.empty()
+                       ? ": validation loss (cross-entropy), mean over seeds"
+                       : ": validation loss (MSE / pre-trained MSE), mean over seeds"),
+        "step (dotted: AdaLoRA's pruning phase)", "loss", panels);
+  }
+
+  const task& t_;
+  const flags& f_;
+  std::vector<int> budgets_;
+  std::int64_t steps_;
+  std::deque<run_result> results_;
+  std::vector<arm_summary> summaries_;
+  std::size_t done_ = 0;   // runs finished, for the progress lines
+  std::size_t total_ = 0;  // runs in all rounds
+};
+
+int run(const flags& f) {
+  const auto start = std::chrono::steady_clock::now();
+  const fs::path out = user_path(f.out);
+  const fs::path summary =
+      f.summary_json.empty() ? out / "summary.json" : user_path(f.summary_json);
+  std::vector<std::string> names;
+  if (f.task == "planted" || f.task == "all") names.push_back("planted");
+  if (f.task == "fashion-mnist" || f.task == "all") names.push_back("fashion-mnist");
+
+  std::vector<std::string> json_tasks;
+  for (const std::string& name : names) {
+    const auto task_start = std::chrono::steady_clock::now();
+    task t;
+    std::vector<int> budgets = f.budgets;
+    if (name == "planted") {
+      t = make_planted_task();
+      if (budgets.empty()) budgets = {1, 2, 4};
+      std::cerr << "planted: pre-trained tanh network " << t.base.layers.front().in();
+      for (const linear& L : t.base.layers) std::cerr << "-" << L.out();
+      std::cerr << "; the fine-tuning target adds updates of rank";
+      for (const int r : t.planted) std::cerr << " " << r;
+      std::cerr << " to its " << t.planted.size() << " matrices\n";
+    } else {
+      fashion_options fo;
+      fo.data_dir = f.data_dir;
+      fo.pretrain_steps = f.pretrain_steps;
+      t = make_fashion_task(fo, std::cerr);
+      if (budgets.empty()) budgets = {2, 4};
+    }
+    const std::int64_t steps = f.steps > 0 ? f.steps : t.default_steps;
+    task_runner runner(t, f, budgets, steps);
+    runner.run();
+    std::cout << "\n" << runner.notes() << "\n" << runner.table() << std::endl;
+    runner.write_outputs(out);
+    json_tasks.push_back(runner.json());
+    std::cerr << format(
+        "%s: %.1f s\n", name.c_str(),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - task_start).count());
+  }
+
+  std::string json = "{\n  \"tasks\": [\n";
+  for (std::size_t i = 0; i < json_tasks.size(); ++i)
+    json += json_tasks[i] + (i + 1 < json_tasks.size() ? ",\n" : "\n");
+  json += "  ]\n}\n";
+  if (summary.has_parent_path()) fs::create_directories(summary.parent_path());
+  write_file(summary, json);
+  std::cout << "pictures, tables and rank history in " << out.string() << "/, summary in "
+            << summary.string() << "\n";
+  std::cout << format(
+      "finetune: done in %.1f s\n",
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  flags f;
+  try {
+    f = parse_flags(argc, argv);
+  } catch (const usage_error& e) {
+    std::cerr << "finetune: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+  try {
+    return run(f);
+  } catch (const std::exception& e) {
+    std::cerr << "finetune: " << e.what() << "\n";
+    return 1;
+  }
+}

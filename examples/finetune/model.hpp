@@ -1,0 +1,314 @@
+#pragma once
+// The network of the demo and the ways it is fine-tuned, with a hand-written backward pass in
+// Eigen: this is the "plug adalora into your own training loop" story. Only the SVD adapters
+// (AdaLoRA's) use the library: forward/backward over views of Eigen matrices, and merge for
+// evaluation. The LoRA baseline and full fine-tuning are written here, as a user would.
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "adalora/integrations/eigen.hpp"
+#include "adalora/rank_allocator.hpp"
+#include "adalora/svd_adapter.hpp"
+#include "examples/finetune/data.hpp"
+
+namespace finetune {
+
+enum class activation { tanh, relu };
+
+/// y = x · Wᵀ + b, W out × in (torch's nn.Linear layout).
+struct linear {
+  std::string name;
+  matrix W;
+  row_vector b;
+  Eigen::Index in() const noexcept { return W.cols(); }
+  Eigen::Index out() const noexcept { return W.rows(); }
+};
+
+/// A multi-layer perceptron: `act` after every layer but the last, which stays linear.
+struct network {
+  std::vector<linear> layers;
+  activation act = activation::tanh;
+};
+
+inline void apply_activation(activation a, matrix& z) {
+  if (a == activation::tanh)
+    z = z.array().tanh().matrix();
+  else
+    z = z.cwiseMax(0.0f);
+}
+
+/// The network's output for a batch (n × in): what evaluation and data generation use.
+inline matrix forward(const network& net, const matrix& x) {
+  matrix h = x;
+  for (std::size_t l = 0; l < net.layers.size(); ++l) {
+    const linear& L = net.layers[l];
+    matrix z = h * L.W.transpose();
+    z.rowwise() += L.b;
+    if (l + 1 < net.layers.size()) apply_activation(net.act, z);
+    h = std::move(z);
+  }
+  return h;
+}
+
+/// full: every weight and bias trained. lora: B·A at fixed ranks. adalora: the SVD form with
+/// the rank allocator. svd: the SVD form at fixed ranks, no pruning (an ablation that separates
+/// AdaLoRA's parametrization from its allocation).
+enum class method { full, lora, adalora, svd };
+
+/// The SVD form B·diag(E)·A (AdaLoRA and its fixed-rank ablation).
+inline bool svd_form(method m) { return m == method::adalora || m == method::svd; }
+
+/// A trainable tensor and its gradient, for the optimizer (which never needs to know which
+/// method owns it).
+struct parameter {
+  float* value;
+  float* grad;
+  Eigen::Index size;
+};
+
+/// How the adapters are set up. LoRA: ΔW = (alpha / r) · B·A, B = 0 and A ~ N(0, 1/in) at
+/// the start (Hu et al. 2021). SVD form: ΔW = alpha / (r_init + 1e-5) · B·diag(E)·A with the
+/// references' init (E = 0, A and B ~ N(0, 0.02²); SPEC §1).
+struct adapter_options {
+  method kind = method::lora;
+  std::vector<int> ranks;  ///< per layer: LoRA's and svd's fixed rank, AdaLoRA's initial rank
+  double lora_alpha = 8;
+  double adalora_alpha = 8;
+};
+
+/// The base network plus one method's trainable parameters. Forward caches what backward needs;
+/// backward accumulates into the gradients until zero_grad().
+class adapted_network {
+ public:
+  adapted_network(const network& base, const adapter_options& o, rng& g)
+      : base_(&base), options_(o) {
+    if (o.kind != method::full && o.ranks.size() != base.layers.size())
+      throw std::invalid_argument("adapted_network: one adapter rank per layer is needed");
+    for (const linear& L : base.layers) {
+      layer_state s;
+      const int r = o.kind == method::full ? 0 : o.ranks[layers_.size()];
+      if (r < 0) throw std::invalid_argument("adapted_network: adapter ranks must be >= 0");
+      if (o.kind == method::full) {
+        s.W = L.W;
+        s.b = L.b;
+        s.dW = matrix::Zero(L.out(), L.in());
+        s.db = row_vector::Zero(L.out());
+      } else if (o.kind == method::lora) {
+        s.A = g.normal_matrix(r, L.in(), 1.0 / std::sqrt(static_cast<double>(L.in())));
+        s.B = matrix::Zero(L.out(), r);
+        s.lora_scaling = r > 0 ? static_cast<float>(o.lora_alpha / r) : 0.0f;
+      } else {
+        s.A = g.normal_matrix(r, L.in(), 0.02);
+        s.E = vector::Zero(r);
+        s.B = g.normal_matrix(L.out(), r, 0.02);
+        s.scale = adalora::adapter_scale<float>(o.adalora_alpha, r);
+      }
+      if (o.kind != method::full) {
+        s.dA = matrix::Zero(s.A.rows(), s.A.cols());
+        s.dB = matrix::Zero(s.B.rows(), s.B.cols());
+        s.dE = vector::Zero(s.E.size());
+      }
+      layers_.push_back(std::move(s));
+    }
+    h_.resize(layers_.size() + 1);
+    z_.resize(layers_.size());
+  }
+
+  // The views below point into this object: it must not move while they are in use.
+  adapted_network(const adapted_network&) = delete;
+  adapted_network& operator=(const adapted_network&) = delete;
+
+  /// The output for a training batch; keeps the activations for backward().
+  const matrix& forward(const matrix& x) {
+    h_[0] = x;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const linear& L = base_->layers[l];
+      layer_state& s = layers_[l];
+      matrix& z = z_[l];
+      const matrix& h = h_[l];
+      const bool full = options_.kind == method::full;
+      z.noalias() = h * (full ? s.W : L.W).transpose();
+      z.rowwise() += full ? s.b : L.b;
+      const bool adapted = s.A.rows() > 0;  // rank-0 adapters (ablations) do nothing
+      if (options_.kind == method::lora && adapted) {
+        s.u.noalias() = h * s.A.transpose();  // n × r, kept for backward
+        z.noalias() += s.lora_scaling * (s.u * s.B.transpose());
+      } else if (svd_form(options_.kind) && adapted) {
+        // y += ((x · (A ⊙ E)ᵀ) · Bᵀ) · alpha / (r + 1e-5), straight into z's memory.
+        adalora::adapter_forward<float>(adapter_params(s), s.scale, adalora::as_matrix(h),
+                                        adalora::as_matrix(z), s.ws);
+      }
+      h_[l + 1] = z;
+      if (l + 1 < layers_.size()) apply_activation(base_->act, h_[l + 1]);
+    }
+    return h_.back();
+  }
+
+  /// Backpropagates dL/d(output) (n × out) through the last forward(); gradients are added.
+  void backward(const matrix& dout) {
+    dz_ = dout;
+    for (std::size_t l = layers_.size(); l-- > 0;) {
+      const linear& L = base_->layers[l];
+      layer_state& s = layers_[l];
+      const matrix& h = h_[l];
+      const bool need_dx = l > 0;  // the input's gradient is never needed
+      if (need_dx) dh_.noalias() = dz_ * (options_.kind == method::full ? s.W : L.W);
+      if (options_.kind == method::full) {
+        s.dW.noalias() += dz_.transpose() * h;
+        s.db += dz_.colwise().sum();
+      } else if (s.A.rows() == 0) {
+        // A rank-0 adapter (an ablation's) has no parameters and adds nothing to dh.
+      } else if (options_.kind == method::lora) {
+        // z += c · (h Aᵀ) Bᵀ:  dB = c dzᵀ u,  du = c dz B,  dA = duᵀ h,  dh += du A.
+        s.dB.noalias() += s.lora_scaling * (dz_.transpose() * s.u);
+        du_.noalias() = s.lora_scaling * (dz_ * s.B);
+        s.dA.noalias() += du_.transpose() * h;
+        if (need_dx) dh_.noalias() += du_ * s.A;
+      } else {  // the SVD form, by the library
+        adalora::adapter_backward<float>(
+            adapter_params(s), s.scale, adalora::as_matrix(h), adalora::as_matrix(dz_),
+            adapter_grads(s), s.ws,
+            need_dx ? adalora::as_matrix(dh_) : adalora::matrix_view<float>{});
+      }
+      if (!need_dx) break;
+      // Through the activation of layer l − 1 (its output is h_[l]).
+      if (base_->act == activation::tanh)
+        dz_ = dh_.array() * (1.0f - h.array().square());
+      else
+        dz_ = dh_.array() * (h.array() > 0.0f).cast<float>();
+    }
+  }
+
+  void zero_grad() {
+    for (layer_state& s : layers_) {
+      s.dW.setZero();
+      s.db.setZero();
+      s.dA.setZero();
+      s.dE.setZero();
+      s.dB.setZero();
+    }
+  }
+
+  /// Every trainable tensor with its gradient, for the optimizer.
+  std::vector<parameter> parameters() {
+    std::vector<parameter> p;
+    const auto add = [&p](auto& value, auto& grad) {
+      if (value.size() > 0) p.push_back({value.data(), grad.data(), value.size()});
+    };
+    for (layer_state& s : layers_) {
+      add(s.W, s.dW);
+      add(s.b, s.db);
+      add(s.A, s.dA);
+      add(s.E, s.dE);
+      add(s.B, s.dB);
+    }
+    return p;
+  }
+
+  // ---- the SVD form: the views the library's regularizer and allocator work on ----
+
+  std::vector<adalora::svd_adapter_ref<float>> svd_params() {
+    std::vector<adalora::svd_adapter_ref<float>> v;
+    for (layer_state& s : layers_) v.push_back(adapter_params(s));
+    return v;
+  }
+  std::vector<adalora::svd_adapter_ref<float>> svd_grads() {
+    std::vector<adalora::svd_adapter_ref<float>> v;
+    for (layer_state& s : layers_) v.push_back(adapter_grads(s));
+    return v;
+  }
+  std::vector<adalora::adapter_tensors<float>> allocator_tensors() {
+    std::vector<adalora::adapter_tensors<float>> v;
+    for (layer_state& s : layers_) v.push_back({adapter_params(s), adapter_grads(s)});
+    return v;
+  }
+  std::vector<adalora::adapter_shape> allocator_shapes() const {
+    std::vector<adalora::adapter_shape> v;
+    for (std::size_t l = 0; l < base_->layers.size(); ++l) {
+      const linear& L = base_->layers[l];
+      v.push_back({L.name, L.in(), L.out(), options_.ranks[l]});
+    }
+    return v;
+  }
+
+  /// The rank of each layer's update at the start: the adapters' ranks, min(in, out) for full
+  /// fine-tuning (dense). AdaLoRA's final ranks are the allocator's kept counts.
+  std::vector<int> initial_ranks() const {
+    if (options_.kind != method::full) return options_.ranks;
+    std::vector<int> r;
+    for (const linear& L : base_->layers) r.push_back(static_cast<int>(std::min(L.in(), L.out())));
+    return r;
+  }
+
+  /// Trainable parameters of the final model, given each layer's rank: all weights and biases
+  /// for full fine-tuning, r·(in + out) per LoRA adapter, and for AdaLoRA the adapters resized
+  /// to their kept triplets, kept·(in + out + 1) per adapter (what PEFT saves; svd alike).
+  std::int64_t trainable_parameters(const std::vector<int>& ranks) const {
+    std::int64_t n = 0;
+    for (std::size_t l = 0; l < base_->layers.size(); ++l) {
+      const linear& L = base_->layers[l];
+      if (options_.kind == method::full)
+        n += L.in() * L.out() + L.out();
+      else
+        n += ranks[l] * (L.in() + L.out() + (svd_form(options_.kind) ? 1 : 0));
+    }
+    return n;
+  }
+
+  /// The network with every update merged into its weights (W0 + ΔW), for fast evaluation.
+  network merged() const {
+    network m = *base_;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const layer_state& s = layers_[l];
+      linear& L = m.layers[l];
+      if (options_.kind == method::full) {
+        L.W = s.W;
+        L.b = s.b;
+      } else if (options_.kind == method::lora) {
+        L.W.noalias() += s.lora_scaling * (s.B * s.A);
+      } else {
+        adalora::merge<float>(adapter_params(s), s.scale, adalora::as_matrix(L.W));
+      }
+    }
+    return m;
+  }
+
+ private:
+  struct layer_state {
+    matrix W, dW;  // full fine-tuning: trainable copies of the base weights
+    row_vector b, db;
+    matrix A, dA;  // LoRA and the SVD form: r × in
+    vector E, dE;  // the SVD form: the r singular values
+    matrix B, dB;  // LoRA and the SVD form: out × r
+    matrix u;      // LoRA: h · Aᵀ of the last forward
+    float lora_scaling = 1;
+    adalora::adapter_scale<float> scale{0.0, 0};
+    adalora::adapter_workspace<float> ws;
+  };
+
+  static adalora::svd_adapter_ref<float> adapter_params(layer_state& s) {
+    return {adalora::as_matrix(s.A), adalora::as_vector(s.E), adalora::as_matrix(s.B)};
+  }
+  static adalora::svd_adapter_ref<const float> adapter_params(const layer_state& s) {
+    return {adalora::as_matrix(s.A), adalora::as_vector(s.E), adalora::as_matrix(s.B)};
+  }
+  static adalora::svd_adapter_ref<float> adapter_grads(layer_state& s) {
+    return {adalora::as_matrix(s.dA), adalora::as_vector(s.dE), adalora::as_matrix(s.dB)};
+  }
+
+  const network* base_;
+  adapter_options options_;
+  std::vector<layer_state> layers_;
+  std::vector<matrix> h_;  // h_[0] = input, h_[l + 1] = output of layer l (after activation)
+  std::vector<matrix> z_;  // pre-activations
+  matrix dz_, dh_, du_;
+};
+
+}  // namespace finetune

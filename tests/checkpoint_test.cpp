@@ -1,0 +1,681 @@
+// Checkpoints: resume bit for bit, refuse damaged or foreign files with a message that says what
+// is wrong while leaving the allocator unchanged, and never lose the previous file to a failed
+// save.
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "adalora/budget_schedule.hpp"
+#include "adalora/importance/sensitivity.hpp"
+#include "adalora/io/checkpoint.hpp"
+#include "adalora/rank_allocator.hpp"
+
+namespace {
+
+using adalora::index_t;
+using bytes_t = std::vector<std::uint8_t>;
+using kind = adalora::checkpoint_error::kind;
+
+// The run every test uses: four adapters (one of rank 0), b0 = 11 -> bT = 5, T = 30, tinit = 5,
+// tfinal = 7, delta_t = 3. Phases: warm-up t <= 5, reduction 5 < t <= 23 (masks at multiples of
+// 3), final t > 23. T - tfinal = 23 is not a multiple of 3, so PEFT force-masks there and
+// loralib does not: the two semantics differ at that step.
+const std::vector<adalora::adapter_shape> run_shapes = {
+    {"layers.0.q", 6, 5, 4}, {"layers.0.v", 3, 7, 4}, {"layers.1.q", 5, 4, 3}, {"layers.1.v", 4, 4, 0}};
+constexpr std::int64_t total_steps = 32;  // runs past T into the final phase
+const adalora::schedule_options run_schedule = {.initial_budget = 11, .target_budget = 5,
+                                                .total_step = 30, .tinit = 5, .tfinal = 7,
+                                                .delta_t = 3};
+
+template <class T>
+using allocator_t = adalora::rank_allocator<T>;
+
+template <class T>
+allocator_t<T> make_allocator(adalora::allocator_options o = {}, unsigned threads = 1) {
+  o.threads = threads;
+  return allocator_t<T>(run_shapes, adalora::cubic_schedule(run_schedule),
+                        adalora::smoothed_sensitivity({.beta1 = 0.85, .beta2 = 0.85}), o);
+}
+
+/// A deterministic value in [-0.5, 0.5) from a few integers (splitmix64), so that gradients are
+/// a pure function of (step, adapter, tensor, index) and need no generator state to resume.
+double noise(std::uint64_t a, std::uint64_t b, std::uint64_t c, std::uint64_t d) {
+  std::uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) * 0xBF58476D1CE4E5B9ull ^
+                    (c + 1) * 0x94D049BB133111EBull ^ (d + 7) * 0xD6E8FEB86659FD93ull;
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return static_cast<double>(x >> 11) / static_cast<double>(std::uint64_t{1} << 53) - 0.5;
+}
+
+/// The user's side of the run: parameters and gradients of every adapter, SGD on them.
+template <class T>
+struct model {
+  struct adapter {
+    std::vector<T> A, E, B, gA, gE, gB;
+  };
+  std::vector<adalora::adapter_shape> shapes;
+  std::uint64_t seed;
+  std::vector<adapter> adapters;
+
+  explicit model(std::vector<adalora::adapter_shape> s = run_shapes, std::uint64_t seed_ = 0)
+      : shapes(std::move(s)), seed(seed_) {
+    for (std::size_t a = 0; a < shapes.size(); ++a) {
+      const auto& sh = shapes[a];
+      adapter x;
+      x.A.resize(static_cast<std::size_t>(sh.rank * sh.in_features));
+      x.E.resize(static_cast<std::size_t>(sh.rank));
+      x.B.resize(static_cast<std::size_t>(sh.out_features * sh.rank));
+      for (std::size_t i = 0; i < x.A.size(); ++i) x.A[i] = T(noise(seed, a, 0, i));
+      for (std::size_t i = 0; i < x.E.size(); ++i) x.E[i] = T(noise(seed, a, 1, i));
+      for (std::size_t i = 0; i < x.B.size(); ++i) x.B[i] = T(noise(seed, a, 2, i));
+      x.gA.resize(x.A.size());
+      x.gE.resize(x.E.size());
+      x.gB.resize(x.B.size());
+      adapters.push_back(std::move(x));
+    }
+  }
+
+  /// Gradients of step t (one NaN at steps 7 and 20, which the default policy skips over), then
+  /// an SGD step.
+  void train_step(std::int64_t t) {
+    for (std::size_t a = 0; a < adapters.size(); ++a) {
+      auto& x = adapters[a];
+      const auto step = (seed << 32) + static_cast<std::uint64_t>(t) + 1;
+      std::vector<T>* g[] = {&x.gA, &x.gE, &x.gB};
+      std::vector<T>* p[] = {&x.A, &x.E, &x.B};
+      for (std::size_t role = 0; role < 3; ++role)
+        for (std::size_t i = 0; i < g[role]->size(); ++i) {
+          (*g[role])[i] = T(noise(step, a, role, i));
+          (*p[role])[i] = (*p[role])[i] - T(0.125) * (*g[role])[i];
+        }
+      if ((t == 7 || t == 20) && a == 1 && x.gB.size() > 3) x.gB[3] = std::numeric_limits<T>::quiet_NaN();
+    }
+  }
+
+  std::vector<adalora::adapter_tensors<T>> views() {
+    std::vector<adalora::adapter_tensors<T>> v;
+    for (std::size_t a = 0; a < adapters.size(); ++a) {
+      const auto& s = shapes[a];
+      auto& x = adapters[a];
+      v.push_back({{adalora::make_matrix_view(x.A.data(), s.rank, s.in_features),
+                    adalora::vector_view<T>(x.E.data(), s.rank),
+                    adalora::make_matrix_view(x.B.data(), s.out_features, s.rank)},
+                   {adalora::make_matrix_view<const T>(x.gA.data(), s.rank, s.in_features),
+                    adalora::vector_view<const T>(x.gE.data(), s.rank),
+                    adalora::make_matrix_view<const T>(x.gB.data(), s.out_features, s.rank)}});
+    }
+    return v;
+  }
+};
+
+template <class X>
+std::uint64_t bits(X x) {
+  if constexpr (sizeof(X) == 4) return std::bit_cast<std::uint32_t>(x);
+  else return std::bit_cast<std::uint64_t>(x);
+}
+
+/// Everything observable about an allocator, as bits: its resumable state and last result.
+template <class A>
+std::vector<std::uint64_t> snapshot(const A& alloc) {
+  const auto s = alloc.resumable();
+  std::vector<std::uint64_t> v = {bits(double(s.last_step)), s.force_masked ? 1u : 0u};
+  for (auto x : s.metric_state) v.push_back(bits(x));
+  for (auto x : s.kept) v.push_back(x);
+  for (auto x : s.scores) v.push_back(bits(x));
+  const auto& r = *s.last;
+  for (auto x : {r.step, r.budget, r.k, r.non_finite, std::int64_t(r.kept_total)})
+    v.push_back(static_cast<std::uint64_t>(x));
+  for (bool b : {r.mask_due, r.importance_updated, r.forced, r.skipped}) v.push_back(b);
+  v.push_back(static_cast<std::uint64_t>(r.action));
+  v.push_back(bits(r.threshold));
+  for (auto k : r.kept) v.push_back(static_cast<std::uint64_t>(k));
+  return v;
+}
+
+/// Appends what step t did: the allocator's snapshot and every E value.
+template <class T, class A>
+void record(std::vector<std::uint64_t>& trace, const A& alloc, const model<T>& m) {
+  const auto s = snapshot(alloc);
+  trace.insert(trace.end(), s.begin(), s.end());
+  for (const auto& x : m.adapters)
+    for (T e : x.E) trace.push_back(bits(e));
+}
+
+/// Index of the first difference, or -1.
+std::ptrdiff_t first_difference(const std::vector<std::uint64_t>& a, const std::vector<std::uint64_t>& b) {
+  const auto n = std::min(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i)
+    if (a[i] != b[i]) return static_cast<std::ptrdiff_t>(i);
+  return a.size() == b.size() ? -1 : static_cast<std::ptrdiff_t>(n);
+}
+
+std::filesystem::path temp_dir(const std::string& name) {
+  const char* bazel = std::getenv("TEST_TMPDIR");
+  const auto base = bazel ? std::filesystem::path(bazel) : std::filesystem::temp_directory_path();
+  const auto dir = base / ("adalora_checkpoint_test_" + name);
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+bytes_t file_bytes(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return bytes_t(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+std::vector<std::string> dir_entries(const std::filesystem::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+/// How a resumed run gets its checkpoint across.
+enum class via { bytes, file, file_and_config, stream };
+
+/// Runs total_steps straight, and again as k steps, save, load into a fresh allocator (with
+/// `resume_threads` threads), the rest; the two traces must agree bit for bit.
+template <class T>
+void check_resume(adalora::allocator_options o, std::int64_t k, via how, unsigned resume_threads = 1) {
+  std::vector<std::uint64_t> straight, resumed;
+  {
+    model<T> m;
+    auto views = m.views();
+    auto alloc = make_allocator<T>(o);
+    for (std::int64_t t = 0; t < total_steps; ++t) {
+      m.train_step(t);
+      alloc.step(t, views);
+      record(straight, alloc, m);
+    }
+  }
+  model<T> m;
+  auto views = m.views();
+  const auto dir = temp_dir("resume");
+  const std::string path = (dir / "allocator.ckpt").string();
+  bytes_t saved;
+  std::vector<std::uint64_t> at_save;
+  {
+    auto first = make_allocator<T>(o);
+    for (std::int64_t t = 0; t < k; ++t) {
+      m.train_step(t);
+      first.step(t, views);
+      record(resumed, first, m);
+    }
+    at_save = snapshot(first);
+    if (how == via::bytes) saved = adalora::checkpoint_bytes(first);
+    else if (how == via::stream) {
+      std::ostringstream out;
+      adalora::write_checkpoint(first, out);
+      const std::string s = out.str();
+      saved.assign(s.begin(), s.end());
+    } else adalora::save_checkpoint(first, path);
+  }  // the first allocator is gone: nothing but the checkpoint carries over
+
+  auto resume = [&](allocator_t<T>& second) {
+    if (how == via::bytes) adalora::load_checkpoint_bytes(second, saved);
+    else if (how == via::stream) {
+      std::istringstream in(std::string(saved.begin(), saved.end()));
+      adalora::read_checkpoint(second, in);
+    } else adalora::load_checkpoint(second, path);
+    REQUIRE(first_difference(snapshot(second), at_save) == -1);
+    for (std::int64_t t = k; t < total_steps; ++t) {
+      m.train_step(t);
+      second.step(t, views);
+      record(resumed, second, m);
+    }
+  };
+  if (how == via::file_and_config) {
+    auto c = adalora::read_checkpoint_config<T>(path);
+    REQUIRE(c.shapes.size() == run_shapes.size());
+    REQUIRE(c.options.semantics == o.semantics);
+    c.options.threads = resume_threads;
+    allocator_t<T> second(c.shapes, c.schedule, c.metric, c.options);
+    resume(second);
+  } else {
+    auto second = make_allocator<T>(o, resume_threads);
+    resume(second);
+  }
+  INFO("first difference at trace entry " << first_difference(straight, resumed) << " of "
+                                          << straight.size());
+  REQUIRE(first_difference(straight, resumed) == -1);
+}
+
+/// An allocator of the run's configuration after `steps` steps (its own model).
+template <class T>
+struct stepped {
+  model<T> m;
+  std::vector<adalora::adapter_tensors<T>> views = m.views();
+  allocator_t<T> alloc;
+  explicit stepped(std::int64_t steps, adalora::allocator_options o = {}) : alloc(make_allocator<T>(o)) {
+    for (std::int64_t t = 0; t < steps; ++t) {
+      m.train_step(t);
+      alloc.step(t, views);
+    }
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("resume equals a straight run bit for bit, in every phase and both semantics",
+                   "[checkpoint][resume]", float, double) {
+  using T = TestType;
+  // k = steps done before the save: 0 (nothing yet), inside the warm-up (3), at its last step
+  // (6: steps 0..5 done), inside the reduction right after a mask (10) and between masks (13),
+  // right after T - tfinal (24: PEFT's force mask done), and inside the final phase (28).
+  const std::int64_t ks[] = {0, 3, 6, 10, 13, 24, 28};
+  const via hows[] = {via::bytes, via::file, via::stream, via::file_and_config};
+  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
+    for (std::size_t i = 0; i < std::size(ks); ++i) {
+      INFO((semantics == adalora::final_phase::peft ? "peft" : "loralib") << ", k = " << ks[i]);
+      check_resume<T>({.semantics = semantics}, ks[i], hows[i % std::size(hows)]);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("resume is exact with other policies and another thread count",
+                   "[checkpoint][resume]", float, double) {
+  using T = TestType;
+  // exact_budget ties and skip_step (the NaN steps are skipped whole); the resumed allocator
+  // runs with 2 threads, which must not change a bit.
+  const adalora::allocator_options o = {.semantics = adalora::final_phase::peft,
+                                        .ties = adalora::tie_policy::exact_budget,
+                                        .non_finite = adalora::non_finite_policy::skip_step};
+  for (std::int64_t k : {8, 21, 25}) {
+    INFO("k = " << k);
+    check_resume<T>(o, k, via::file_and_config, 2);
+    check_resume<T>({.semantics = adalora::final_phase::loralib}, k, via::bytes, 2);
+  }
+}
+
+TEST_CASE("a checkpoint is little-endian with the documented header", "[checkpoint][format]") {
+  stepped<float> s(13);
+  const bytes_t b = adalora::checkpoint_bytes(s.alloc);
+  REQUIRE(std::string(b.begin(), b.begin() + 8) == "ADALCKPT");
+  REQUIRE(b[8] == 1);  // version 1, little-endian u32
+  REQUIRE((b[9] | b[10] | b[11]) == 0);
+  REQUIRE((b[12] | b[13] | b[14] | b[15]) == 0);  // flags
+  std::uint64_t payload = 0;
+  for (int i = 0; i < 8; ++i) payload |= std::uint64_t{b[16 + static_cast<std::size_t>(i)]} << (8 * i);
+  REQUIRE(payload == b.size() - 32);
+  REQUIRE(b[32] == 4);  // element type: float32
+  // The CRC-32 is the common one (zlib's): the check value of "123456789" is 0xCBF43926.
+  const std::string check = "123456789";
+  REQUIRE(adalora::detail::ckpt::crc32(std::span<const std::uint8_t>(
+              reinterpret_cast<const std::uint8_t*>(check.data()), check.size())) == 0xCBF43926u);
+  // Same state, same bytes: the encoding is deterministic.
+  stepped<float> twin(13);
+  REQUIRE(adalora::checkpoint_bytes(twin.alloc) == b);
+}
+
+TEST_CASE("damaged checkpoints are refused with what is wrong; the allocator is unchanged",
+          "[checkpoint][errors]") {
+  const bytes_t good = adalora::checkpoint_bytes(stepped<float>(13).alloc);
+  stepped<float> target(5);  // a live allocator in another state, which a failed load must keep
+  const auto before = snapshot(target.alloc);
+  auto unchanged = [&] { return first_difference(snapshot(target.alloc), before) == -1; };
+  auto load = [&](const bytes_t& b) { adalora::load_checkpoint_bytes(target.alloc, b); };
+  auto kind_of = [&](const bytes_t& b) {
+    try {
+      load(b);
+    } catch (const adalora::checkpoint_error& e) {
+      return e.error_kind();
+    }
+    FAIL("loaded a damaged checkpoint");
+    return kind::io;
+  };
+
+  SECTION("truncated at every length") {
+    REQUIRE_THROWS_WITH(load({}), Catch::Contains("load_checkpoint") && Catch::Contains("empty"));
+    REQUIRE_THROWS_WITH(load(bytes_t(good.begin(), good.begin() + 20)),
+                        Catch::Contains("truncated") && Catch::Contains("20 bytes, fewer than the 32-byte header"));
+    REQUIRE_THROWS_WITH(load(bytes_t(good.begin(), good.end() - 1)),
+                        Catch::Contains("truncated") &&
+                            Catch::Contains("announces " + std::to_string(good.size() - 32) +
+                                            " payload bytes, only " + std::to_string(good.size() - 33)));
+    for (std::size_t n = 0; n < good.size(); ++n) {
+      INFO("length " << n);
+      REQUIRE(kind_of(bytes_t(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(n))) == kind::truncated);
+    }
+    REQUIRE(unchanged());
+  }
+  SECTION("a flipped bit anywhere") {
+    for (std::size_t i = 0; i < good.size(); ++i) {
+      INFO("byte " << i);
+      bytes_t b = good;
+      b[i] ^= static_cast<std::uint8_t>(1u << (i % 8));
+      REQUIRE(kind_of(b) == (i < 8 ? kind::not_a_checkpoint : kind::corrupt));
+    }
+    bytes_t b = good;
+    b[100] ^= 0x10;
+    REQUIRE_THROWS_WITH(load(b), Catch::Contains("corrupt") && Catch::Contains("payload checksum"));
+    b = good;
+    b[17] ^= 0x01;  // the payload size: corruption, not a truncation
+    REQUIRE_THROWS_WITH(load(b), Catch::Contains("header is corrupt"));
+    REQUIRE(unchanged());
+  }
+  SECTION("from a newer version, or with unknown flags") {
+    bytes_t b = good;
+    b[8] = 2;
+    adalora::detail::ckpt::seal(b);  // so that the edit reaches the checks behind the checksums
+    REQUIRE_THROWS_WITH(load(b), Catch::Contains("format version 2, newer than this adalora reads (1)"));
+    REQUIRE(kind_of(b) == kind::unsupported_version);
+    b = good;
+    b[12] = 4;
+    adalora::detail::ckpt::seal(b);
+    REQUIRE_THROWS_WITH(load(b), Catch::Contains("flags 0x4"));
+    REQUIRE(unchanged());
+  }
+  SECTION("not a checkpoint, or with bytes after its end") {
+    const std::string json = R"({"layers.0.q.lora_E": [true, false]})";
+    REQUIRE_THROWS_WITH(load(bytes_t(json.begin(), json.end())),
+                        Catch::Contains("not an adalora checkpoint"));
+    bytes_t b = good;
+    b.push_back(0);
+    REQUIRE_THROWS_WITH(load(b), Catch::Contains("1 bytes after the end of the payload"));
+    REQUIRE(unchanged());
+  }
+  SECTION("values out of range behind valid checksums (a hostile file)") {
+    using adalora::detail::ckpt::encode;
+    using adalora::detail::ckpt::parse;
+    auto edited = [&](auto edit) {
+      auto im = parse<float>(good);
+      edit(im);
+      return encode(im);
+    };
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.kept[2] = 2; })),
+                        Catch::Contains("kept mask entry 2 must be 0 or 1, got 2"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.metric_state[7] = std::numeric_limits<float>::infinity(); })),
+                        Catch::Contains("metric state value 7 is not finite"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.metric_state.pop_back(); })),
+                        Catch::Contains("the metric state has") && Catch::Contains("values each make"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.scores[0] = -1; })),
+                        Catch::Contains("triplet score 0 must be >= 0"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.last_step = -3; im.last.step = -3; })),
+                        Catch::Contains("last step must be >= -1, got -3"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.last.step = 2; })),
+                        Catch::Contains("the last result is of step 2, the last step is 12"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.force_masked = true; })),
+                        Catch::Contains("final-phase flag is set at step 12, before the final phase starts (step 23)"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.options.threads = 0; })),
+                        Catch::Contains("threads must be in [1, 65536], got 0"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.shapes[1].in_features = -4; })),
+                        Catch::Contains("adapter 1 ('layers.0.v') has in_features -4"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.shapes[0].rank = std::int64_t{1} << 61; })),
+                        Catch::Contains("overflows"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.schedule_options.pop_back(); })),
+                        Catch::Contains("the schedule options: it ends inside delta_t"));
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.metric_options[7] = 0x7f; })),  // beta1 -> NaN
+                        Catch::Contains("importance metric options are invalid") &&
+                            Catch::Contains("beta1 must be in (0, 1)"));
+    REQUIRE(kind_of(edited([](auto& im) { im.kept[0] = 7; })) == kind::malformed);
+    REQUIRE(unchanged());
+  }
+  SECTION("a missing file") {
+    REQUIRE_THROWS_WITH(adalora::load_checkpoint(target.alloc, "/nonexistent/dir/a.ckpt"),
+                        Catch::Contains("'/nonexistent/dir/a.ckpt'") && Catch::Contains("cannot open"));
+    REQUIRE(unchanged());
+  }
+}
+
+TEST_CASE("a checkpoint of another configuration is refused, naming the difference",
+          "[checkpoint][errors]") {
+  stepped<float> source(13);
+  const bytes_t good = adalora::checkpoint_bytes(source.alloc);
+  auto refuses = [&](auto& alloc, const std::string& what) {
+    const auto before = snapshot(alloc);
+    try {
+      adalora::load_checkpoint_bytes(alloc, good);
+      FAIL("loaded into another configuration");
+    } catch (const adalora::checkpoint_error& e) {
+      INFO(e.what());
+      CHECK(e.error_kind() == kind::mismatch);
+      CHECK_THAT(e.what(), Catch::Contains(what));
+    }
+    REQUIRE(first_difference(snapshot(alloc), before) == -1);
+  };
+  const auto sched = adalora::cubic_schedule(run_schedule);
+  auto shapes = run_shapes;
+
+  SECTION("element type") {
+    stepped<double> d(3);
+    refuses(d.alloc, "element type: the checkpoint holds float32 state, the allocator is float64");
+  }
+  SECTION("adapters: count, names, shapes, ranks") {
+    shapes.pop_back();
+    allocator_t<float> fewer(shapes, sched);
+    refuses(fewer, "the checkpoint has 4 adapters, the allocator 3");
+    shapes = run_shapes;
+    shapes[2].name = "layers.1.k";
+    allocator_t<float> renamed(shapes, sched);
+    refuses(renamed, "adapter 2 is named 'layers.1.q' in the checkpoint, 'layers.1.k' in the allocator");
+    shapes = run_shapes;
+    shapes[1].in_features = 9;
+    allocator_t<float> wider(shapes, sched);
+    refuses(wider, "adapter 1 ('layers.0.v') has in_features 3, out_features 7, rank 4 in the "
+                   "checkpoint, 9, 7, 4 in the allocator");
+    shapes = run_shapes;
+    shapes[0].rank = 3;
+    shapes[3].rank = 1;  // same b0, other ranks
+    allocator_t<float> ranks(shapes, sched);
+    refuses(ranks, "rank 4 in the checkpoint, 6, 5, 3 in the allocator");
+  }
+  SECTION("schedule type and options") {
+    auto o = run_schedule;
+    o.total_step = 31;
+    allocator_t<float> longer(run_shapes, adalora::cubic_schedule(o));
+    refuses(longer, "schedule: the checkpoint was made with 'cubic_schedule' {initial_budget = 11, "
+                    "target_budget = 5, total_step = 30, tinit = 5, tfinal = 7, delta_t = 3}, the "
+                    "allocator has 'cubic_schedule' {initial_budget = 11, target_budget = 5, "
+                    "total_step = 31");
+    adalora::rank_allocator<float, adalora::smoothed_sensitivity, adalora::linear_schedule> linear(
+        run_shapes, adalora::linear_schedule(run_schedule));
+    refuses(linear, "schedule: the checkpoint was made with 'cubic_schedule', the allocator has 'linear_schedule' {");
+  }
+  SECTION("metric type and options") {
+    allocator_t<float> beta(run_shapes, sched, adalora::smoothed_sensitivity({.beta1 = 0.8, .beta2 = 0.85}));
+    refuses(beta, "importance metric: the checkpoint was made with 'smoothed_sensitivity' {beta1 = "
+                  "0.84999999999999998, beta2 = 0.84999999999999998}, the allocator has "
+                  "'smoothed_sensitivity' {beta1 = 0.80000000000000004");
+    adalora::rank_allocator<float, adalora::sensitivity> plain(run_shapes, sched);
+    refuses(plain, "importance metric: the checkpoint was made with 'smoothed_sensitivity', the "
+                   "allocator has 'sensitivity' {}");
+  }
+  SECTION("allocator options; the thread count may differ") {
+    allocator_t<float> loralib(run_shapes, sched, {}, {.semantics = adalora::final_phase::loralib});
+    refuses(loralib, "final_phase::peft, the allocator final_phase::loralib");
+    allocator_t<float> exact(run_shapes, sched, {}, {.ties = adalora::tie_policy::exact_budget});
+    refuses(exact, "tie_policy::prune_all_ties, the allocator tie_policy::exact_budget");
+    allocator_t<float> strict(run_shapes, sched, {}, {.non_finite = adalora::non_finite_policy::throw_error});
+    refuses(strict, "non_finite_policy::ignore_elements, the allocator non_finite_policy::throw_error");
+    allocator_t<float> threaded(run_shapes, sched, {}, {.threads = 3});
+    adalora::load_checkpoint_bytes(threaded, good);
+    REQUIRE(first_difference(snapshot(threaded), snapshot(source.alloc)) == -1);
+  }
+  SECTION("read_checkpoint_config refuses other types") {
+    REQUIRE_THROWS_WITH((adalora::read_checkpoint_config_bytes<double>(good)),
+                        Catch::Contains("float32 state, the allocator is float64"));
+    REQUIRE_THROWS_WITH((adalora::read_checkpoint_config_bytes<float, adalora::sensitivity>(good)),
+                        Catch::Contains("metric is 'smoothed_sensitivity'"));
+    REQUIRE_THROWS_WITH((adalora::read_checkpoint_config_bytes<float, adalora::smoothed_sensitivity,
+                                                               adalora::constant_schedule>(good)),
+                        Catch::Contains("schedule is 'cubic_schedule', not 'constant_schedule'"));
+  }
+}
+
+TEST_CASE("a state that could not be resumed is not saved", "[checkpoint][errors]") {
+  // A non-finite metric state (what a metric's overflow leaves behind, after step() threw
+  // std::domain_error) would be written to a file that load refuses, over a good one. It is
+  // planted here through restore(), which takes any state of the right sizes.
+  stepped<float> s(8);
+  const auto st = s.alloc.resumable();
+  std::vector<float> state(st.metric_state.begin(), st.metric_state.end());
+  state[5] = std::numeric_limits<float>::infinity();
+  const auto last = *st.last;
+  s.alloc.restore({st.last_step, st.force_masked, state,
+                   std::vector<std::uint8_t>(st.kept.begin(), st.kept.end()),
+                   std::vector<double>(st.scores.begin(), st.scores.end()), &last});
+  const auto dir = temp_dir("unsaveable");
+  const std::string path = (dir / "run.ckpt").string();
+  REQUIRE_THROWS_WITH(adalora::save_checkpoint(s.alloc, path),
+                      Catch::Contains("save_checkpoint") &&
+                          Catch::Contains("metric state value 5 is not finite") &&
+                          Catch::Contains("not saved"));
+  REQUIRE(dir_entries(dir).empty());
+  REQUIRE_THROWS_WITH(adalora::checkpoint_bytes(s.alloc), Catch::Contains("adalora::checkpoint_bytes"));
+}
+
+TEST_CASE("a failed save leaves the previous checkpoint intact and no temporary file",
+          "[checkpoint][atomic]") {
+  const auto dir = temp_dir("atomic");
+  const std::string path = (dir / "run.ckpt").string();
+  stepped<float> s(10);
+  adalora::save_checkpoint(s.alloc, path);
+  const bytes_t previous = file_bytes(path);
+  REQUIRE(previous == adalora::checkpoint_bytes(s.alloc));
+  for (std::int64_t t = 10; t < 26; ++t) {  // into the final phase: another state
+    s.m.train_step(t);
+    s.alloc.step(t, s.views);
+  }
+  const bytes_t next = adalora::checkpoint_bytes(s.alloc);
+  REQUIRE(next != previous);
+
+  auto intact = [&] {
+    REQUIRE(file_bytes(path) == previous);
+    REQUIRE(dir_entries(dir) == std::vector<std::string>{"run.ckpt"});
+  };
+
+  SECTION("the disk fills up part-way") {
+    for (std::size_t limit : {std::size_t{0}, std::size_t{1}, std::size_t{31}, std::size_t{32},
+                              next.size() / 2, next.size() - 1}) {
+      INFO("fails after " << limit << " bytes");
+      std::size_t written = 0;
+      adalora::checkpoint_file_ops ops;
+      ops.write = [&](int fd, const std::uint8_t* data, std::size_t n) -> long {
+        if (written >= limit) {
+          errno = ENOSPC;
+          return -1;
+        }
+        n = std::min(n, limit - written);  // a short write up to the limit, as a full disk does
+        const long r = static_cast<long>(::write(fd, data, n));
+        written += static_cast<std::size_t>(r);
+        return r;
+      };
+      REQUIRE_THROWS_WITH(adalora::save_checkpoint(s.alloc, path, ops),
+                          Catch::Contains("save_checkpoint") && Catch::Contains("writing") &&
+                              Catch::Contains("No space left on device") &&
+                              Catch::Contains("previous checkpoint is intact"));
+      intact();
+    }
+  }
+  SECTION("fsync or rename fails") {
+    adalora::checkpoint_file_ops bad_sync;
+    bad_sync.fsync = [](int) {
+      errno = EIO;
+      return -1;
+    };
+    REQUIRE_THROWS_WITH(adalora::save_checkpoint(s.alloc, path, bad_sync),
+                        Catch::Contains("syncing") && Catch::Contains("Input/output error"));
+    intact();
+    adalora::checkpoint_file_ops bad_rename;
+    bad_rename.rename = [](const char*, const char*) {
+      errno = EXDEV;
+      return -1;
+    };
+    REQUIRE_THROWS_WITH(adalora::save_checkpoint(s.alloc, path, bad_rename), Catch::Contains("renaming"));
+    intact();
+  }
+  SECTION("short and interrupted writes still give the whole file") {
+    int calls = 0;
+    adalora::checkpoint_file_ops ops;
+    ops.write = [&](int fd, const std::uint8_t* data, std::size_t n) -> long {
+      if (++calls == 2) {
+        errno = EINTR;
+        return -1;
+      }
+      return static_cast<long>(::write(fd, data, std::min<std::size_t>(n, 7)));
+    };
+    adalora::save_checkpoint(s.alloc, path, ops);
+    REQUIRE(calls > 10);
+    REQUIRE(file_bytes(path) == next);
+    REQUIRE(dir_entries(dir) == std::vector<std::string>{"run.ckpt"});
+  }
+  SECTION("a directory that does not exist") {
+    REQUIRE_THROWS_WITH(adalora::save_checkpoint(s.alloc, (dir / "missing" / "x.ckpt").string()),
+                        Catch::Contains("cannot create the temporary file"));
+    intact();
+  }
+}
+
+TEMPLATE_TEST_CASE("independent allocators run concurrently, each equal to its single-threaded twin",
+                   "[checkpoint][threads]", float, double) {
+  // Four allocators, each with 2 worker threads of its own, in four std::threads at once; each
+  // also saves a checkpoint half-way to its own file and continues in a fresh allocator loaded
+  // from it. Their traces must equal those of the same runs made one after another with 1
+  // thread and no checkpoint. (That one allocator's result does not depend on its thread count
+  // is rank_allocator_test's; here the point is that allocators do not interfere.)
+  using T = TestType;
+  const std::vector<adalora::adapter_shape> shapes = {
+      {"wide", 2000, 3, 2}, {"tall", 4, 1500, 2}, {"small", 5, 6, 3}};
+  const adalora::schedule_options so = {.initial_budget = 7, .target_budget = 3, .total_step = 10,
+                                        .tinit = 1, .tfinal = 3, .delta_t = 2};
+  constexpr std::int64_t steps = 12;  // warm-up, reduction and final phase
+  constexpr int runs = 4;
+  const auto dir = temp_dir(std::string("threads_") + (sizeof(T) == 4 ? "f32" : "f64"));
+
+  auto run = [&](int id, unsigned threads, bool checkpoint) {
+    const adalora::allocator_options o = {
+        .semantics = id % 2 ? adalora::final_phase::loralib : adalora::final_phase::peft,
+        .threads = threads};
+    model<T> m(shapes, static_cast<std::uint64_t>(id) + 1);
+    auto views = m.views();
+    std::vector<std::uint64_t> trace;
+    auto make = [&] {
+      return std::make_unique<allocator_t<T>>(shapes, adalora::cubic_schedule(so),
+                                              adalora::smoothed_sensitivity{}, o);
+    };
+    auto alloc = make();
+    for (std::int64_t t = 0; t < steps; ++t) {
+      if (checkpoint && t == steps / 2) {
+        const std::string path = (dir / ("run" + std::to_string(id) + ".ckpt")).string();
+        adalora::save_checkpoint(*alloc, path);
+        alloc = make();
+        adalora::load_checkpoint(*alloc, path);
+      }
+      m.train_step(t);
+      alloc->step(t, views);
+      record(trace, *alloc, m);
+    }
+    return trace;
+  };
+
+  std::vector<std::vector<std::uint64_t>> twins(runs), concurrent(runs);
+  for (int id = 0; id < runs; ++id) twins[static_cast<std::size_t>(id)] = run(id, 1, false);
+  {
+    std::vector<std::thread> pool;
+    for (int id = 0; id < runs; ++id)
+      pool.emplace_back([&, id] { concurrent[static_cast<std::size_t>(id)] = run(id, 2, true); });
+    for (auto& t : pool) t.join();
+  }
+  for (int id = 0; id < runs; ++id) {
+    INFO("run " << id);
+    REQUIRE(!twins[static_cast<std::size_t>(id)].empty());
+    REQUIRE(first_difference(concurrent[static_cast<std::size_t>(id)], twins[static_cast<std::size_t>(id)]) == -1);
+  }
+  REQUIRE(twins[0] != twins[1]);  // the runs really differ from each other
+}
