@@ -416,7 +416,10 @@ TEST_CASE("damaged checkpoints are refused with what is wrong; the allocator is 
                         Catch::Contains("threads must be in [1, 65536], got 0"));
     REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.shapes[1].in_features = -4; })),
                         Catch::Contains("adapter 1 ('layers.0.v') has in_features -4"));
-    REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.shapes[0].rank = std::int64_t{1} << 61; })),
+    REQUIRE_THROWS_WITH(load(edited([](auto& im) {
+                          im.shapes[0].rank = std::int64_t{1} << 61;
+                          im.shapes[0].shard.triplet_count = std::int64_t{1} << 61;
+                        })),
                         Catch::Contains("overflows"));
     REQUIRE_THROWS_WITH(load(edited([](auto& im) { im.schedule_options.pop_back(); })),
                         Catch::Contains("the schedule options: it ends inside delta_t"));

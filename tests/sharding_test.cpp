@@ -10,12 +10,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <thread>
 #include <vector>
 
 #include "adalora/budget_schedule.hpp"
+#include "adalora/io/checkpoint.hpp"
 #include "adalora/rank_allocator.hpp"
 
 namespace {
@@ -128,7 +130,10 @@ std::vector<adalora::adapter_tensors<double>> views_of(model& m, const std::vect
 /// What a run decided: per step the threshold, all scores, and the kept masks.
 using trace = std::vector<double>;
 
-trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalora::final_phase semantics) {
+/// With restart_at >= 0, each process saves its own slice to a checkpoint after that step and
+/// goes on with a fresh allocator loaded from it.
+trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalora::final_phase semantics,
+          std::int64_t restart_at = -1) {
   model m = make_model();
   std::vector<adalora::adapter_shape> resolved = sh;
   for (std::size_t a = 0; a < resolved.size(); ++a) {  // resolve -1 counts for the views
@@ -137,15 +142,20 @@ trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalo
     if (h.in_count < 0) h.in_count = resolved[a].in_features - h.in_begin;
     if (h.out_count < 0) h.out_count = resolved[a].out_features - h.out_begin;
   }
-  adalora::rank_allocator<double, adalora::smoothed_sensitivity, adalora::cubic_schedule, thread_comm> alloc(
-      sh,
-      adalora::cubic_schedule({.initial_budget = 12, .target_budget = 5, .total_step = 12,
-                               .tinit = 2, .tfinal = 3, .delta_t = 2}),
-      {}, {.semantics = semantics}, comm);
+  using alloc_t = adalora::rank_allocator<double, adalora::smoothed_sensitivity, adalora::cubic_schedule, thread_comm>;
+  auto make = [&] {
+    return std::make_unique<alloc_t>(
+        sh,
+        adalora::cubic_schedule({.initial_budget = 12, .target_budget = 5, .total_step = 12,
+                                 .tinit = 2, .tfinal = 3, .delta_t = 2}),
+        adalora::smoothed_sensitivity{}, adalora::allocator_options{.semantics = semantics}, comm);
+  };
+  auto owner = make();
   auto views = views_of(m, resolved);
   trace out;
   for (std::int64_t t = 0; t < steps; ++t) {
     sgd_step(m, t);
+    alloc_t& alloc = *owner;
     const auto& r = alloc.step(t, views);
     out.push_back(r.threshold);
     out.push_back(double(r.kept_total));
@@ -153,18 +163,23 @@ trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalo
       for (double s : alloc.triplet_scores()) out.push_back(s);
     for (std::size_t a = 0; a < sh.size(); ++a)
       for (auto k : alloc.kept_mask(a)) out.push_back(k);
+    if (t == restart_at) {
+      const auto bytes = adalora::checkpoint_bytes(alloc);
+      owner = make();
+      adalora::load_checkpoint_bytes(*owner, bytes);
+    }
   }
   return out;
 }
 
 /// Runs one allocator per shard layout in its own thread; returns each one's trace.
 std::vector<trace> run_sharded(const std::vector<std::vector<adalora::adapter_shape>>& layouts,
-                               adalora::final_phase semantics) {
+                               adalora::final_phase semantics, std::int64_t restart_at = -1) {
   thread_hub hub(static_cast<int>(layouts.size()));
   std::vector<trace> traces(layouts.size());
   std::vector<std::thread> threads;
   for (std::size_t p = 0; p < layouts.size(); ++p)
-    threads.emplace_back([&, p] { traces[p] = run(layouts[p], thread_comm{&hub, int(p)}, semantics); });
+    threads.emplace_back([&, p] { traces[p] = run(layouts[p], thread_comm{&hub, int(p)}, semantics, restart_at); });
   for (auto& th : threads) th.join();
   return traces;
 }
@@ -195,8 +210,27 @@ TEST_CASE("sharded allocators decide exactly as one process", "[allocator][shard
       INFO(name << (semantics == adalora::final_phase::peft ? " (PEFT)" : " (loralib)"));
       const auto traces = run_sharded(layout, semantics);
       for (const auto& t : traces) REQUIRE(t == single);
+      // Each process checkpoints its own slice and resumes from it, in the reduction phase and
+      // in the final phase.
+      for (std::int64_t k : {5, 10}) {
+        const auto resumed = run_sharded(layout, semantics, k);
+        for (const auto& t : resumed) REQUIRE(t == single);
+      }
     }
   }
+}
+
+TEST_CASE("a shard's checkpoint loads only into the same shard layout", "[allocator][sharding][checkpoint]") {
+  auto sched = adalora::cubic_schedule({.initial_budget = 12, .target_budget = 5, .total_step = 12});
+  using alloc_t = adalora::rank_allocator<double>;
+  alloc_t first(with_shards({{0, 2}, {0, 1}, {0, 3}}), sched);
+  alloc_t other(with_shards({{2, -1}, {1, 2}, {0, 0}}), sched);
+  const auto bytes = adalora::checkpoint_bytes(first);
+  REQUIRE_THROWS_WITH(adalora::load_checkpoint_bytes(other, bytes),
+                      Catch::Contains("'q'") && Catch::Contains("holds shard triplets [0, +2)") &&
+                          Catch::Contains("same layout"));
+  alloc_t same(with_shards({{0, 2}, {0, 1}, {0, 3}}), sched);
+  REQUIRE_NOTHROW(adalora::load_checkpoint_bytes(same, bytes));
 }
 
 TEST_CASE("shards are validated against the adapter's shape", "[allocator][sharding][errors]") {

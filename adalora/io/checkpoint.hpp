@@ -398,6 +398,12 @@ void encode_payload(const image<T>& im, checkpoint_writer& w) {
     w.i64(s.in_features);
     w.i64(s.out_features);
     w.i64(s.rank);
+    // The slice this process holds (sharded training; the whole adapter otherwise), as the
+    // allocator resolved it: each process saves and resumes its own slice.
+    const adapter_shard& h = s.shard;
+    for (index_t v : {h.triplet_begin, h.triplet_count, h.in_begin, h.in_count, h.out_begin, h.out_count})
+      w.i64(v);
+    w.u8(h.scores_e ? 1 : 0);
   }
   w.str(im.schedule_tag);
   w.u32(static_cast<std::uint32_t>(im.schedule_options.size()));
@@ -525,7 +531,7 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
 
   const std::uint32_t n = r.u32("adapter count");
   if (n == 0) r.fail("adapter count must be >= 1, got 0");
-  if (n > r.remaining() / 28)  // each adapter takes at least 28 bytes
+  if (n > r.remaining() / 77)  // each adapter takes at least 77 bytes
     r.fail("adapter count ", n, " does not fit in the ", r.remaining(), " bytes left");
   im.shapes.reserve(n);
   std::uint64_t elements = 0, triplets = 0;
@@ -538,13 +544,35 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
     if (s.in_features < 1 || s.out_features < 1 || s.rank < 0)
       r.fail("adapter ", a, " ('", s.name, "') has in_features ", s.in_features, ", out_features ",
              s.out_features, ", rank ", s.rank, "; they must be >= 1, >= 1, >= 0");
-    const auto in = static_cast<std::uint64_t>(s.in_features);
-    const auto out = static_cast<std::uint64_t>(s.out_features);
-    const auto rk = static_cast<std::uint64_t>(s.rank);
+    adapter_shard& h = s.shard;
+    h.triplet_begin = r.i64("shard triplet_begin");
+    h.triplet_count = r.i64("shard triplet_count");
+    h.in_begin = r.i64("shard in_begin");
+    h.in_count = r.i64("shard in_count");
+    h.out_begin = r.i64("shard out_begin");
+    h.out_count = r.i64("shard out_count");
+    const std::uint8_t scores_e = r.u8("shard scores_e");
+    if (scores_e > 1) r.fail("adapter ", a, " ('", s.name, "') has shard scores_e ", int(scores_e), " (0 or 1)");
+    h.scores_e = scores_e == 1;
+    auto within = [&](index_t begin, index_t count, index_t total, const char* what) {
+      if (begin < 0 || count < 0 || begin > total || count > total - begin)
+        r.fail("adapter ", a, " ('", s.name, "') has shard ", what, " [", begin, ", +", count,
+               ") outside [0, ", total, "]");
+    };
+    within(h.triplet_begin, h.triplet_count, s.rank, "triplets");
+    within(h.in_begin, h.in_count, s.in_features, "in columns");
+    within(h.out_begin, h.out_count, s.out_features, "out rows");
+    if (h.in_begin % rank_allocator<T>::sum_block != 0 || h.out_begin % rank_allocator<T>::sum_block != 0)
+      r.fail("adapter ", a, " ('", s.name, "') has shard in_begin ", h.in_begin, " and out_begin ",
+             h.out_begin, "; they must be multiples of ", rank_allocator<T>::sum_block);
+    // The state covers the slice this process holds.
+    const auto in = static_cast<std::uint64_t>(h.in_count);
+    const auto out = static_cast<std::uint64_t>(h.out_count);
+    const auto rk = static_cast<std::uint64_t>(h.triplet_count);
     const std::uint64_t per_triplet =  // a row of A, one E, a column of B
         checked_mad(1, in, checked_mad(1, out, 1, r, "an adapter's size"), r, "an adapter's size");
     elements = checked_mad(rk, per_triplet, elements, r, "the adapters' element count");
-    triplets = checked_mad(1, rk, triplets, r, "the adapters' rank sum");
+    triplets = checked_mad(1, static_cast<std::uint64_t>(s.rank), triplets, r, "the adapters' rank sum");
     im.shapes.push_back(std::move(s));
   }
 
@@ -745,6 +773,17 @@ void match(const image<T>& im, const rank_allocator<T, M, S, C>& alloc) {
       fail(k::mismatch, "adapter ", a, " ('", s.name, "') has in_features ", c.in_features,
            ", out_features ", c.out_features, ", rank ", c.rank, " in the checkpoint, ",
            s.in_features, ", ", s.out_features, ", ", s.rank, " in the allocator");
+    const adapter_shard& ch = c.shard;
+    const adapter_shard& sh = s.shard;
+    if (ch.triplet_begin != sh.triplet_begin || ch.triplet_count != sh.triplet_count ||
+        ch.in_begin != sh.in_begin || ch.in_count != sh.in_count || ch.out_begin != sh.out_begin ||
+        ch.out_count != sh.out_count || ch.scores_e != sh.scores_e)
+      fail(k::mismatch, "adapter ", a, " ('", s.name, "') holds shard triplets [", ch.triplet_begin,
+           ", +", ch.triplet_count, "), in [", ch.in_begin, ", +", ch.in_count, "), out [",
+           ch.out_begin, ", +", ch.out_count, "), scores_e ", ch.scores_e,
+           " in the checkpoint, triplets [", sh.triplet_begin, ", +", sh.triplet_count, "), in [",
+           sh.in_begin, ", +", sh.in_count, "), out [", sh.out_begin, ", +", sh.out_count,
+           "), scores_e ", sh.scores_e, " in the allocator (a sharded run resumes with the same layout)");
   }
   match_options("schedule", im.schedule_tag, im.schedule_options, alloc.schedule());
   match_options("importance metric", im.metric_tag, im.metric_options, alloc.metric());
