@@ -446,6 +446,7 @@ class task_runner {
           c.seed = static_cast<std::uint64_t>(s);
           c.steps = steps_;
           c.batch = t_.batch;
+          c.curve_points = t_.curve_points;
           c.ada = t_.ada;
           jobs.push_back(std::move(c));
           arm_of.push_back(k);

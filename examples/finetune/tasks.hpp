@@ -38,6 +38,7 @@ struct task {
   std::vector<int> judged;   ///< matrices whose rank recovery is judged (hidden layers)
   std::int64_t default_steps = 0;
   Eigen::Index batch = 64;
+  int curve_points = 25;  ///< validation evaluations per run, for the loss curves
   std::vector<double> lr_grid_adapters, lr_grid_full;
   adalora_options ada;
   double pretrained_accuracy = 0;  ///< fashion-mnist: the pre-trained model on its own task
@@ -137,6 +138,7 @@ inline task make_fashion_task(const fashion_options& o, std::ostream& log) {
   t.higher_is_better = true;
   t.default_steps = 600;
   t.batch = 32;
+  t.curve_points = 12;  // a validation pass costs as much as ~50 training steps here
   t.lr_grid_adapters = {1e-3, 3e-3, 1e-2};
   t.lr_grid_full = {3e-4, 1e-3, 3e-3};
   auto [train_file, test_file] = load_fashion_mnist(o.data_dir);
