@@ -218,10 +218,25 @@ class rank_allocator {
       const local_dims d{s.shard.triplet_count, s.shard.in_count, s.shard.out_count};
       layout_.push_back({static_cast<std::size_t>(b0), elements, a_blocks, b_blocks,
                          blocks_of(s.in_features), blocks_of(s.out_features), d});
-      b0 += s.rank;
-      elements += static_cast<std::size_t>(d.r * (d.in + 1 + d.out));
-      a_blocks += static_cast<std::size_t>(s.rank) * blocks_of(s.in_features);
-      b_blocks += static_cast<std::size_t>(s.rank) * blocks_of(s.out_features);
+      // Sizes follow from the caller's shapes: one that does not fit is an error, not a wrap.
+      const auto size = [&](std::size_t x, std::size_t y, std::size_t z) {
+        ADALORA_REQUIRE(y == 0 || x <= (std::numeric_limits<std::size_t>::max() - z) / y, where,
+                        "adapter ", a, " ('", s.name, "'): the allocator's size for in_features ",
+                        s.in_features, ", out_features ", s.out_features, ", rank ", s.rank,
+                        " does not fit in memory");
+        return x * y + z;
+      };
+      const auto r = static_cast<std::size_t>(s.rank);
+      const std::size_t triplets = size(1, r, static_cast<std::size_t>(b0));
+      ADALORA_REQUIRE(triplets <= static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max()),
+                      where, "the adapters' ranks add up to more than 2^63 - 1");
+      b0 = static_cast<std::int64_t>(triplets);
+      elements = size(static_cast<std::size_t>(d.r),
+                      size(1, static_cast<std::size_t>(d.in), size(1, static_cast<std::size_t>(d.out), 1)),
+                      elements);
+      a_blocks = size(r, layout_[a].a_blocks, a_blocks);
+      b_blocks = size(r, layout_[a].b_blocks, b_blocks);
+      size(elements, K, size(1, a_blocks, size(1, b_blocks, static_cast<std::size_t>(b0))));
     }
     layout_.push_back({static_cast<std::size_t>(b0), elements, a_blocks, b_blocks, 0, 0, {}});
     ADALORA_REQUIRE(schedule_.initial_budget() == b0, where,
@@ -443,7 +458,7 @@ class rank_allocator {
   };
 
   static std::size_t blocks_of(index_t n) noexcept {
-    return static_cast<std::size_t>((n + sum_block - 1) / sum_block);
+    return static_cast<std::size_t>(n / sum_block + (n % sum_block != 0 ? 1 : 0));
   }
 
   /// Fills in the shard's "-1 = to the end" counts and validates it against the shape.
@@ -451,9 +466,11 @@ class rank_allocator {
     constexpr const char* where = "rank_allocator";
     adapter_shard& h = s.shard;
     auto resolve = [&](index_t& begin, index_t& count, index_t total, const char* what) {
-      if (count < 0) count = total - begin;
-      ADALORA_REQUIRE(begin >= 0 && count >= 0 && begin + count <= total, where, "adapter ", a,
-                      " ('", s.name, "'): shard ", what, " [", begin, ", ", begin + count,
+      const bool begin_ok = begin >= 0 && begin <= total;
+      if (begin_ok && count < 0) count = total - begin;
+      ADALORA_REQUIRE(begin_ok && count >= 0 && count <= total - begin, where, "adapter ", a,
+                      " ('", s.name, "'): shard ", what, " [", begin, ", ",
+                      static_cast<long double>(begin) + static_cast<long double>(count),
                       ") must lie within [0, ", total, "]");
     };
     resolve(h.triplet_begin, h.triplet_count, s.rank, "triplets");

@@ -161,6 +161,19 @@ TEST_CASE("the allocator validates its construction and every step", "[allocator
                       Catch::Contains("in_features >= 1"));
   REQUIRE_THROWS_WITH(alloc_t({{"a", 3, 3, -1}}, fixed_budget{-1, 0}),
                       Catch::Contains("rank >= 0") && Catch::Contains("-1"));
+  // Shapes whose sizes overflow are named (a wrapped size would allocate nonsense or index past
+  // the end), and so are shards whose end overflows.
+  constexpr adalora::index_t huge = std::numeric_limits<adalora::index_t>::max();
+  REQUIRE_THROWS_WITH(alloc_t({{"big", huge, 2, std::int64_t{1} << 40}}, fixed_budget{0, 0}),
+                      Catch::Contains("'big'") && Catch::Contains("does not fit in memory"));
+  REQUIRE_THROWS_WITH(alloc_t({{"a", 3, 3, huge}, {"b", 3, 3, huge}}, fixed_budget{0, 0}),
+                      Catch::Contains("does not fit in memory") || Catch::Contains("2^63 - 1"));
+  adalora::adapter_shape far{"far", 512, 3, 4};
+  far.shard.in_begin = 256;
+  far.shard.in_count = huge;
+  REQUIRE_THROWS_WITH(alloc_t({far}, fixed_budget{4, 2}),
+                      Catch::Contains("'far'") && Catch::Contains("in columns") &&
+                          Catch::Contains("must lie within [0, 512]"));
 
   std::vector<adapter_storage<double>> s;
   s.emplace_back(3, 2, 2);

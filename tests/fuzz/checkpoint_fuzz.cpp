@@ -63,7 +63,7 @@ void load_own_config(std::span<const std::uint8_t> bytes) {
   try {
     auto c = adalora::read_checkpoint_config_bytes<T, Metric, Schedule>(bytes);
     // Memory is the caller's to bound: an allocator's size follows the shapes it is given.
-    if (fuzz::element_count(c.shapes) > (1u << 20)) return;
+    if (fuzz::footprint(c.shapes) > (1u << 20)) return;
     c.options.threads = 1;
     alloc = std::make_unique<adalora::rank_allocator<T, Metric, Schedule>>(c.shapes, c.schedule,
                                                                            c.metric, c.options);

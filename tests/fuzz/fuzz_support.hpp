@@ -3,6 +3,7 @@
 // configuration the seeds are made for, tensors to step it with, and the checks a successful
 // load must pass. Test code only.
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -33,7 +34,20 @@ inline adalora::schedule_options schedule_options() {
   std::abort();
 }
 
-/// Owning parameters and gradients for any shapes, with finite values that change per step.
+/// The extents this process holds of an adapter: its shard's counts (-1 = to the end).
+struct local_extent {
+  adalora::index_t r, in, out;
+  explicit local_extent(const adalora::adapter_shape& s)
+      : r(count(s.shard.triplet_count, s.shard.triplet_begin, s.rank)),
+        in(count(s.shard.in_count, s.shard.in_begin, s.in_features)),
+        out(count(s.shard.out_count, s.shard.out_begin, s.out_features)) {}
+  static adalora::index_t count(adalora::index_t c, adalora::index_t begin, adalora::index_t n) {
+    return c >= 0 ? c : n - begin;
+  }
+};
+
+/// Owning parameters and gradients for any shapes (the local slice when a shape is a shard),
+/// with finite values that change per step.
 template <class T>
 struct tensors {
   std::vector<adalora::adapter_shape> shapes;
@@ -42,9 +56,10 @@ struct tensors {
 
   explicit tensors(std::vector<adalora::adapter_shape> s) : shapes(std::move(s)) {
     for (const auto& sh : shapes) {
-      const auto a = static_cast<std::size_t>(sh.rank * sh.in_features);
-      const auto b = static_cast<std::size_t>(sh.out_features * sh.rank);
-      const auto r = static_cast<std::size_t>(sh.rank);
+      const local_extent d(sh);
+      const auto a = static_cast<std::size_t>(d.r * d.in);
+      const auto b = static_cast<std::size_t>(d.out * d.r);
+      const auto r = static_cast<std::size_t>(d.r);
       A.emplace_back(a, T(0.5));
       E.emplace_back(r, T(1));
       B.emplace_back(b, T(-0.25));
@@ -53,13 +68,13 @@ struct tensors {
       gB.emplace_back(b);
     }
     for (std::size_t i = 0; i < shapes.size(); ++i) {
-      const auto& sh = shapes[i];
-      views.push_back({{adalora::make_matrix_view(A[i].data(), sh.rank, sh.in_features),
-                        adalora::vector_view<T>(E[i].data(), sh.rank),
-                        adalora::make_matrix_view(B[i].data(), sh.out_features, sh.rank)},
-                       {adalora::make_matrix_view<const T>(gA[i].data(), sh.rank, sh.in_features),
-                        adalora::vector_view<const T>(gE[i].data(), sh.rank),
-                        adalora::make_matrix_view<const T>(gB[i].data(), sh.out_features, sh.rank)}});
+      const local_extent d(shapes[i]);
+      views.push_back({{adalora::make_matrix_view(A[i].data(), d.r, d.in),
+                        adalora::vector_view<T>(E[i].data(), d.r),
+                        adalora::make_matrix_view(B[i].data(), d.out, d.r)},
+                       {adalora::make_matrix_view<const T>(gA[i].data(), d.r, d.in),
+                        adalora::vector_view<const T>(gE[i].data(), d.r),
+                        adalora::make_matrix_view<const T>(gB[i].data(), d.out, d.r)}});
     }
   }
   /// Gradients of step t (a fixed pattern of small values, different per element and step).
@@ -74,17 +89,21 @@ struct tensors {
   }
 };
 
-/// Elements (A, E and B) of all adapters, or max() if that overflows.
-inline std::uint64_t element_count(std::span<const adalora::adapter_shape> shapes) {
-  std::uint64_t n = 0;
+/// Values an allocator for these shapes keeps (state of the elements this process holds, and
+/// the per-triplet and block sums of the whole adapters), or max() beyond 1e18.
+inline std::uint64_t footprint(std::span<const adalora::adapter_shape> shapes) {
+  constexpr long double block = 256.0L;
+  long double n = 0;
   for (const auto& s : shapes) {
-    const long double e = static_cast<long double>(s.rank) *
-                          (static_cast<long double>(s.in_features) + 1.0L +
-                           static_cast<long double>(s.out_features));
-    if (e + static_cast<long double>(n) > 1e18L) return std::numeric_limits<std::uint64_t>::max();
-    n += static_cast<std::uint64_t>(e);
+    const local_extent d(s);
+    const long double r = static_cast<long double>(s.rank);
+    n += static_cast<long double>(d.r) *
+         (static_cast<long double>(d.in) + 1.0L + static_cast<long double>(d.out));
+    n += r * (1.0L + std::ceil(static_cast<long double>(s.in_features) / block) +
+              std::ceil(static_cast<long double>(s.out_features) / block));
+    if (n > 1e18L) return std::numeric_limits<std::uint64_t>::max();
   }
-  return n;
+  return static_cast<std::uint64_t>(n);
 }
 
 /// Everything observable about an allocator, for all-or-nothing checks.
@@ -124,7 +143,7 @@ void check_loaded(adalora::rank_allocator<T, M, S>& alloc, std::span<const std::
     invariant_broken("saving a loaded allocator does not give back the loaded checkpoint");
 
   if (st.last_step >= std::numeric_limits<std::int64_t>::max() - 1) return;
-  if (element_count(alloc.shapes()) > (1u << 16)) return;  // keep each input fast
+  if (footprint(alloc.shapes()) > (1u << 16)) return;  // keep each input fast
   tensors<T> t({alloc.shapes().begin(), alloc.shapes().end()});
   t.set_gradients(st.last_step + 1);
   try {
