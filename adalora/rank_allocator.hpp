@@ -22,6 +22,7 @@
 #include "adalora/budget_schedule.hpp"
 #include "adalora/communicator.hpp"
 #include "adalora/config.hpp"
+#include "adalora/detail/score_kernels.hpp"
 #include "adalora/detail/task_pool.hpp"
 #include "adalora/importance/metric.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
@@ -432,7 +433,7 @@ class rank_allocator {
   }
 
  private:
-  enum class pass : std::uint8_t { update, frozen, check };
+  using pass = detail::score_pass;
 
   /// The extents of the part of an adapter this process holds.
   struct local_dims {
@@ -556,91 +557,29 @@ class rank_allocator {
     return std::abs(x) <= std::numeric_limits<double>::max();
   }
 
-  /// Non-zero iff some of the n values (stride s) is NaN or infinite: an OR of "exponent all
-  /// ones" tests on the bits, which vectorises (a floating-point compare chain does not).
-  static std::uint32_t any_non_finite(const T* x, index_t s, index_t n) noexcept {
-    using bits_t = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-    constexpr auto exponent = static_cast<bits_t>(sizeof(T) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
-    bits_t any = 0;
-    if (s == 1)
-      for (index_t j = 0; j < n; ++j) any |= ((std::bit_cast<bits_t>(x[j]) & exponent) == exponent) ? 1 : 0;
-    else
-      for (index_t j = 0; j < n; ++j) any |= ((std::bit_cast<bits_t>(x[j * s]) & exponent) == exponent) ? 1 : 0;
-    return static_cast<std::uint32_t>(any);
-  }
-
-  /// Scores n elements of one row (params p, grads g, their state st) into out and returns how
-  /// many had a non-finite parameter or gradient. Those keep their state and are scored from it
-  /// (score() of a non-finite parameter counts as 0). The all-finite case, checked first on
-  /// the chunk while it sits in L1, runs a branch-free loop that the compiler can vectorise.
-  template <pass Mode>
-  std::int64_t score_run(tensor_role role, const T* p, index_t sp, const T* g, index_t sg, T* st,
-                         index_t n, double* out) const {
-    const bool all_finite =
-        (any_non_finite(p, sp, n) | (Mode == pass::frozen ? 0u : any_non_finite(g, sg, n))) == 0;
-    if constexpr (Mode == pass::check) {
-      if (all_finite) return 0;
-    }
-    auto state_at = [st](index_t j) { return st + static_cast<std::size_t>(j) * K; };
-    if (all_finite) {
-      if constexpr (Mode == pass::update) {
-        if (sp == 1 && sg == 1)
-          for (index_t j = 0; j < n; ++j)
-            out[j] = static_cast<double>(metric_.update(role, p[j], g[j], std::span<T, K>(state_at(j), K)));
-        else
-          for (index_t j = 0; j < n; ++j)
-            out[j] = static_cast<double>(
-                metric_.update(role, p[j * sp], g[j * sg], std::span<T, K>(state_at(j), K)));
-      } else if constexpr (Mode == pass::frozen) {
-        for (index_t j = 0; j < n; ++j)
-          out[j] = static_cast<double>(
-              metric_.score(role, p[j * sp], std::span<const T, K>(state_at(j), K)));
-      }
-      return 0;
-    }
-    std::int64_t bad = 0;
-    for (index_t j = 0; j < n; ++j) {
-      const T x = p[j * sp];
-      const bool ok = finite(x) && (Mode == pass::frozen || finite(g[j * sg]));
-      bad += ok ? 0 : 1;
-      if constexpr (Mode == pass::update) {
-        if (ok) {
-          out[j] = static_cast<double>(metric_.update(role, x, g[j * sg], std::span<T, K>(state_at(j), K)));
-          continue;
-        }
-      }
-      if constexpr (Mode != pass::check)
-        out[j] = finite(x) ? static_cast<double>(metric_.score(role, x, std::span<const T, K>(state_at(j), K)))
-                           : 0.0;
-    }
-    return bad;
-  }
-
-  /// Sum of n scores in a fixed order (eight interleaved lanes, then a fixed tree): vectorisable,
-  /// and the same on every machine and for every thread count.
-  static double sum_scores(const double* s, index_t n) noexcept {
-    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    index_t j = 0;
-    for (; j + 8 <= n; j += 8)
-      for (int l = 0; l < 8; ++l) lane[l] += s[j + l];
-    double tail = 0;
-    for (; j < n; ++j) tail += s[j];
-    return (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) + tail;
-  }
-  /// A metric's scores must be finite and >= 0. Checked on sums (a NaN or infinity propagates
-  /// into them) and by counting negative elements, which vectorises (a running minimum does
-  /// not: it is one long dependency chain).
-  static bool valid_scores(const double* s, index_t n, double sum) noexcept {
-    std::int64_t negative = 0;
-    for (index_t j = 0; j < n; ++j) negative += s[j] < 0.0 ? 1 : 0;
-    return negative == 0 && finite(sum);
-  }
-
   struct pass_context {
     rank_allocator* self;
     std::span<const adapter_tensors<T>> adapters;
     pass mode;
   };
+
+  static constexpr auto K_ = static_cast<index_t>(K);
+  /// Rows of width w that make a multiple of vector_block elements: vector_block / gcd(w, it).
+  static constexpr index_t vector_rows(index_t w) noexcept {
+    index_t a = w, b = detail::vector_block;
+    while (b != 0) {
+      const index_t t = a % b;
+      a = b;
+      b = t;
+    }
+    return detail::vector_block / a;
+  }
+
+  template <pass Mode, detail::score_sink Sink = detail::score_sink::store>
+  detail::run_summary score(tensor_role role, const T* p, index_t sp, const T* g, index_t sg,
+                            T* st, index_t n, double* out) const {
+    return detail::score_run<Mode, Sink>(metric_, role, p, sp, g, sg, st, n, out);
+  }
 
   template <pass Mode>
   void run_task(std::size_t id, std::span<const adapter_tensors<T>> adapters, double* scratch) {
@@ -666,44 +605,75 @@ class rank_allocator {
         double* row = sums + static_cast<std::size_t>(tb + i) * L.a_blocks + first_block;
         for (index_t j0 = 0; j0 < in; j0 += sum_block) {
           const index_t n = std::min(sum_block, in - j0);
-          bad += score_run<Mode>(tensor_role::A, &p.A(i, j0), p.A.col_stride(), &g.A(i, j0),
-                                 g.A.col_stride(), st + static_cast<std::size_t>(i * in + j0) * K,
-                                 n, scratch);
+          const detail::run_summary s =
+              score<Mode, detail::score_sink::sum>(tensor_role::A, &p.A(i, j0), p.A.col_stride(),
+                                                   &g.A(i, j0), g.A.col_stride(),
+                                                   st + (i * in + j0) * K_, n, scratch);
+          bad += s.non_finite;
           if constexpr (Mode != pass::check) {
-            const double sum = sum_scores(scratch, n);
-            scores_ok &= valid_scores(scratch, n, sum);
-            row[j0 / sum_block] = sum;
+            scores_ok &= s.valid && finite(s.sum);
+            row[j0 / sum_block] = s.sum;
           }
         }
       }
     } else if (tk.role == tensor_role::E) {
       for (index_t i0 = tk.begin; i0 < tk.end; i0 += sum_block) {
         const index_t n = std::min(sum_block, tk.end - i0);
-        bad += score_run<Mode>(tensor_role::E, &p.E[i0], p.E.stride(), &g.E[i0], g.E.stride(),
-                               st + static_cast<std::size_t>(i0) * K, n, scratch);
+        const detail::run_summary s = score<Mode>(tensor_role::E, &p.E[i0], p.E.stride(), &g.E[i0],
+                                                  g.E.stride(), st + i0 * K_, n, scratch);
+        bad += s.non_finite;
         if constexpr (Mode != pass::check) {
-          scores_ok &= valid_scores(scratch, n, sum_scores(scratch, n));
+          scores_ok &= s.valid;
           if (h.scores_e)
             std::copy(scratch, scratch + n, partials_.data() + L.triplet + static_cast<std::size_t>(tb + i0));
         }
       }
     } else {
-      // One sum per (block of sum_block rows, triplet); rows summed in order within a block.
+      // One sum per (block of sum_block rows, triplet): the rows of a block are added in order.
       const index_t lr = L.local.r;
       double* sums = partials_.data() + b0 + layout_.back().a_block + L.b_block;
-      for (index_t j = tk.begin; j < tk.end; ++j) {
-        const auto block = static_cast<std::size_t>((h.out_begin + j) / sum_block);
+      const bool flat = p.B.is_row_major_contiguous() && g.B.is_row_major_contiguous();
+      // Where the rows are contiguous, several are scored as one flat run (r is often 8 or 16:
+      // a run per row would be too short to vectorise), never across a block of rows. Runs of
+      // a multiple of vector_block elements where the row width allows it.
+      const index_t step = vector_rows(lr);  // lr >= 1 here
+      const index_t rows_per_run = !flat || lr > sum_block ? 1
+                                   : step * lr <= sum_block ? sum_block / lr / step * step
+                                                            : sum_block / lr;
+      bool columns = false;
+      if constexpr (detail::has_column_kernel<Mode, T, Metric>)
+        columns = flat && lr % 8 == 0 && lr <= detail::max_column_kernel_width;
+      for (index_t j = tk.begin; j < tk.end;) {
+        const index_t global = h.out_begin + j;
+        const auto block = static_cast<std::size_t>(global / sum_block);
         double* col = sums + block * static_cast<std::size_t>(r) + static_cast<std::size_t>(tb);
-        for (index_t i0 = 0; i0 < lr; i0 += sum_block) {
-          const index_t n = std::min(sum_block, lr - i0);
-          bad += score_run<Mode>(tensor_role::B, &p.B(j, i0), p.B.col_stride(), &g.B(j, i0),
-                                 g.B.col_stride(), st + static_cast<std::size_t>(j * lr + i0) * K,
-                                 n, scratch);
-          if constexpr (Mode != pass::check) {
-            for (index_t i = 0; i < n; ++i) col[i0 + i] += scratch[i];
-            scores_ok &= valid_scores(scratch, n, sum_scores(scratch, n));
+        const index_t block_end = (global / sum_block + 1) * sum_block;
+        if constexpr (detail::has_column_kernel<Mode, T, Metric>) {
+          if (columns) {  // the rows of the block in one run, summed in registers
+            const index_t rows = std::min(tk.end - j, block_end - global);
+            const detail::run_summary s =
+                detail::score_columns(metric_, &p.B(j, 0), &g.B(j, 0), st + j * lr * K_, rows, lr, col);
+            bad += s.non_finite;
+            scores_ok &= s.valid;
+            j += rows;
+            continue;
           }
         }
+        const index_t rows = std::min({rows_per_run, tk.end - j, block_end - global});
+        for (index_t i0 = 0; i0 < lr; i0 += sum_block) {
+          const index_t n = flat ? rows * lr : std::min(sum_block, lr - i0);
+          // A flat run is contiguous even where a one-column view reports another col stride.
+          const detail::run_summary s = score<Mode>(tensor_role::B, &p.B(j, i0), flat ? 1 : p.B.col_stride(),
+                                                    &g.B(j, i0), flat ? 1 : g.B.col_stride(),
+                                                    st + (j * lr + i0) * K_, n, scratch);
+          bad += s.non_finite;
+          if constexpr (Mode != pass::check) {
+            const index_t width = flat ? lr : n;
+            for (index_t q = 0; q < rows; ++q) detail::add_scores(col + i0, scratch + q * width, width);
+            scores_ok &= s.valid;
+          }
+        }
+        j += rows;
       }
     }
     task_non_finite_[id] = bad;

@@ -37,7 +37,7 @@ struct smoothed_sensitivity {
 
   smoothed_sensitivity() : smoothed_sensitivity(options{}) {}
   explicit smoothed_sensitivity(const options& o)
-      : opts_(o), float_(coefficients<float>(o)), double_(coefficients<double>(o)) {
+      : opts_(o), float_(make_coefficients<float>(o)), double_(make_coefficients<double>(o)) {
     ADALORA_REQUIRE(o.beta1 > 0.0 && o.beta1 < 1.0, "smoothed_sensitivity",
                     "beta1 must be in (0, 1), got ", o.beta1);
     ADALORA_REQUIRE(o.beta2 > 0.0 && o.beta2 < 1.0, "smoothed_sensitivity",
@@ -48,17 +48,21 @@ struct smoothed_sensitivity {
 
   template <class T>
   double update(tensor_role, T param, T grad, std::span<T, state_size> state) const noexcept {
-    const auto& [b1, c1, b2, c2] = coefficients_for<T>();
+    const coefficient_set<T>& c = coefficients<T>();
+    const T old_ema = state[0], old_unc = state[1];
     const T ipt = std::abs(param * grad);
-    const T ema = b1 * state[0] + c1 * ipt;
-    const T unc = b2 * state[1] + c2 * std::abs(ipt - ema);
+    const T ema = c.b1 * old_ema + c.c1 * ipt;
+    const T unc = c.b2 * old_unc + c.c2 * std::abs(ipt - ema);
     // A product beyond T's range (|w·∇w| > FLT_MAX for finite w and ∇w) would make the state
-    // infinite for good: that element keeps its state this step instead (written as selects,
-    // so the loop still vectorises).
+    // infinite for good: that element keeps its state this step instead. Written as selects of
+    // values already loaded and unconditional stores, so that the loop still vectorises (a
+    // select that re-reads the state compiles to a conditional store, which does not).
     const bool fits = unc <= std::numeric_limits<T>::max();
-    state[0] = fits ? ema : state[0];
-    state[1] = fits ? unc : state[1];
-    return static_cast<double>(state[0]) * static_cast<double>(state[1]);
+    const T new_ema = fits ? ema : old_ema;
+    const T new_unc = fits ? unc : old_unc;
+    state[0] = new_ema;
+    state[1] = new_unc;
+    return static_cast<double>(new_ema) * static_cast<double>(new_unc);
   }
 
   template <class T>
@@ -66,26 +70,29 @@ struct smoothed_sensitivity {
     return static_cast<double>(state[0]) * static_cast<double>(state[1]);
   }
 
- private:
-  /// β1, 1 − β1, β2, 1 − β2 in T, each rounded once from double (formed here, once, rather
-  /// than per element).
+  /// β1, 1 − β1, β2, 1 − β2 in T, each rounded once from double (formed at construction, once,
+  /// rather than per element).
   template <class T>
   struct coefficient_set {
     T b1, c1, b2, c2;
   };
+  /// The coefficients update() uses for T (float or double). By reference: a struct returned by
+  /// value is copied as a whole inside the caller's loop, which g++ then cannot vectorise.
   template <class T>
-  static coefficient_set<T> coefficients(const options& o) noexcept {
-    return {static_cast<T>(o.beta1), static_cast<T>(1.0 - o.beta1), static_cast<T>(o.beta2),
-            static_cast<T>(1.0 - o.beta2)};
-  }
-  template <class T>
-  coefficient_set<T> coefficients_for() const noexcept {
+  const coefficient_set<T>& coefficients() const noexcept {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "smoothed_sensitivity: the element type must be float or double");
     if constexpr (std::is_same_v<T, float>)
       return float_;
-    else if constexpr (std::is_same_v<T, double>)
-      return double_;
     else
-      return coefficients<T>(opts_);
+      return double_;
+  }
+
+ private:
+  template <class T>
+  static coefficient_set<T> make_coefficients(const options& o) noexcept {
+    return {static_cast<T>(o.beta1), static_cast<T>(1.0 - o.beta1), static_cast<T>(o.beta2),
+            static_cast<T>(1.0 - o.beta2)};
   }
 
   options opts_;
