@@ -500,6 +500,23 @@ class rank_allocator {
     }
     task_non_finite_.assign(tasks_.size(), 0);
     task_bad_score_.assign(tasks_.size(), 0);
+    // Each thread's home tasks: contiguous, with about equal element counts (see task_pool).
+    std::vector<std::size_t> cumulative(tasks_.size() + 1, 0);
+    for (std::size_t id = 0; id < tasks_.size(); ++id) {
+      const task& tk = tasks_[id];
+      const local_dims& d = layout_[tk.adapter].local;
+      const index_t width = tk.role == tensor_role::A ? d.in : tk.role == tensor_role::B ? d.r : 1;
+      cumulative[id + 1] = cumulative[id] + static_cast<std::size_t>((tk.end - tk.begin) * width);
+    }
+    const std::size_t threads = options_.threads;
+    split_.assign(threads + 1, tasks_.size());
+    split_[0] = 0;
+    for (std::size_t k = 1; k < threads; ++k) {
+      const std::size_t target = cumulative.back() / threads * k;
+      split_[k] = static_cast<std::size_t>(
+          std::lower_bound(cumulative.begin(), cumulative.end(), target) - cumulative.begin());
+      split_[k] = std::max(split_[k - 1], std::min(split_[k], tasks_.size()));
+    }
   }
 
   std::size_t triplet_count(std::size_t a) const noexcept {
@@ -700,7 +717,7 @@ class rank_allocator {
     pass_context ctx{this, adapters, mode};
     first_non_finite_ = {};
     if (pool_)
-      pool_->run(tasks_.size(), &run_task_entry, &ctx);
+      pool_->run(tasks_.size(), &run_task_entry, &ctx, split_);
     else
       for (std::size_t id = 0; id < tasks_.size(); ++id) run_task_entry(&ctx, id);
 
@@ -819,6 +836,7 @@ class rank_allocator {
   std::vector<task> tasks_;
   std::vector<std::int64_t> task_non_finite_;
   std::vector<std::uint8_t> task_bad_score_;
+  std::vector<std::size_t> split_;           // first task of each thread's home range
   char describe_buffer_[256] = {};
   std::string_view first_non_finite_;
   std::unique_ptr<detail::task_pool> pool_;
