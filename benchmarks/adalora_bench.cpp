@@ -25,7 +25,6 @@
 #include "adalora/rank_allocator.hpp"
 #include "adalora/svd_adapter.hpp"
 #include "benchmarks/bench_common.hpp"
-#include "benchmarks/fused_floor.hpp"
 
 namespace ab = adalora_bench;
 using adalora::index_t;
@@ -100,22 +99,6 @@ void allocator_benchmark(benchmark::State& state, std::int64_t shape, int thread
   // parameter (24 in f32); the scores, threshold and mask touch O(total rank) more.
   ab::set_bandwidth_counters(state, 6.0 * sizeof(T) * static_cast<double>(m.shape().parameters()),
                              threads, seconds);
-}
-
-/// The yardstick: a minimal fused pass (fused_floor.hpp) over the same tensors, the same bytes.
-void BM_fused_floor(benchmark::State& state, std::int64_t shape, int threads) {
-  auto& m = ab::model<float>(shape);
-  auto& floor = ab::cache().get<ab::fused_floor<float>>(m.shape().name, "floor", [&] {
-    return new ab::fused_floor<float>(m.shape().adapters);
-  });
-  const auto& tensors = m.tensors();
-  const double seconds = ab::timed_loop(state, [&] {
-    ab::timed_split(floor.adapters(), threads, [&](std::size_t lo, std::size_t hi) {
-      benchmark::DoNotOptimize(floor.run(tensors, lo, hi));
-    });
-  });
-  ab::set_bandwidth_counters(state, 24.0 * static_cast<double>(m.shape().parameters()), threads,
-                             seconds);
 }
 
 void BM_importance_update(benchmark::State& state, std::int64_t shape, int threads) {
@@ -256,6 +239,31 @@ void BM_adapter(benchmark::State& state, adapter_config c, bool eigen, bool back
   state.counters["rank"] = rr;
 }
 
+/// What the adapter's forward/backward cannot avoid whatever the rank: its memory traffic on the
+/// batch tensors. Forward: read x, read and write y (y += ...); backward: read x and dy, read and
+/// write dx. Measured as the same traffic with one add per element, so that "half rank costs at
+/// most X% of full rank" can be judged against (floor + (full − floor) / 2) / full.
+void BM_adapter_io_floor(benchmark::State& state, adapter_config c, bool backward) {
+  if (c.in != c.out) {
+    state.SkipWithError("adapter_io_floor: written for square adapters (in == out)");
+    return;
+  }
+  const auto m = static_cast<std::size_t>(c.batch * c.in);  // elements of x, y, dy and dx
+  std::vector<float> x(m, 0.5f), dy(m, 0.25f), y(m, 0.0f);
+  const double seconds = ab::timed_loop(state, [&] {
+    float* __restrict yp = y.data();
+    const float* __restrict xp = x.data();
+    const float* __restrict dp = dy.data();
+    if (backward)
+      for (std::size_t i = 0; i < m; ++i) yp[i] += xp[i] + dp[i];
+    else
+      for (std::size_t i = 0; i < m; ++i) yp[i] += 0.5f * xp[i];
+    benchmark::ClobberMemory();
+  });
+  const double bytes = sizeof(float) * static_cast<double>((backward ? 4 : 3) * m);
+  ab::set_bandwidth_counters(state, bytes, 1, seconds);
+}
+
 // ---- registration, grouped by shape so that each shape's tensors are allocated once -------------
 
 double min_time_for(std::int64_t shape) { return shape == 0 ? 0.2 : shape == 1 ? 0.3 : 0.5; }
@@ -269,11 +277,10 @@ void register_all() {
   for (std::int64_t s = 0; s < ab::shape_count; ++s) {
     const std::string name = ab::shape_by_index(s).name;
     for (int threads : {1, 2}) {
-      if (threads > 1 && !allocator_has_threads) continue;  // the floor follows the allocator
+      if (threads > 1 && !allocator_has_threads) continue;
       using fn = void (*)(benchmark::State&, std::int64_t, int);
       const std::pair<std::string, fn> families[] = {{"importance_update/", BM_importance_update},
-                                                     {"allocator_step/", BM_allocator_step},
-                                                     {"fused_floor/", BM_fused_floor}};
+                                                     {"allocator_step/", BM_allocator_step}};
       for (const auto& [family, f] : families)
         benchmark::RegisterBenchmark((family + name + "/threads:" + std::to_string(threads)).c_str(),
                                      f, s, threads)
@@ -290,6 +297,13 @@ void register_all() {
           ->MinTime(k == gram::portable ? 0.1 : min_time_for(s));
   }
 
+  for (const adapter_config& c : adapter_configs)
+    for (bool backward : {false, true})
+      benchmark::RegisterBenchmark((std::string("adapter_io_floor/") + (backward ? "backward/" : "forward/") +
+                                    c.name).c_str(),
+                                   BM_adapter_io_floor, c, backward)
+          ->UseManualTime()
+          ->MinTime(0.2);
   for (const adapter_config& c : adapter_configs)
     for (bool backward : {false, true})
       for (bool eigen : {false, true})

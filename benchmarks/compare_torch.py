@@ -28,9 +28,12 @@ JSON rows hold, per shape, operation and thread count:
   gemm_fraction       (regularizer) its FLOP/s over Eigen's SGEMM rate measured likewise;
   roofline_ms         the time at the roofline (bytes at the triad rate; for the regularizer the
                       larger of that and its FLOPs at the SGEMM rate);
-  fused_floor_ms      (allocator) benchmarks/fused_floor.hpp, a minimal fused pass over the same
-                      data, measured in the same run: what one pass can reach here.
-The "adapter" list holds the adapter forward/backward at full and half rank (ours only).
+The "adapter" list holds the adapter forward/backward at full and half rank (ours only), with
+  io_floor_ms         the memory traffic on the batch tensors that no rank changes (forward: read
+                      x, read and write y; backward: read x and dy, read and write dx), measured
+                      as the same traffic with one add per element;
+  best_half_over_full (io_floor + (full − io_floor) / 2) / full: the half/full ratio if everything
+                      but that traffic halved exactly with the rank.
 
 The PyTorch idioms below are written from the description in SPEC sections 4-8, not copied.
 """
@@ -227,13 +230,11 @@ def main():
                     continue
                 torch_ms = time_torch(fn, args.reps)
                 ours_ms = ours[key]["ms"]
-                floor = ours.get(f"fused_floor/{shape}/threads:{t}")
                 rows.append({
                     "shape": shape, "operation": op, "threads": t,
                     "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": torch_ms / ours_ms,
                     "triad_fraction": 24.0 * parameters(shape) / (ours_ms * 1e-3) / triad[t],
                     "roofline_ms": 24.0 * parameters(shape) / triad[t] * 1e3,
-                    "fused_floor_ms": floor["ms"] if floor else None,
                 })
             del idiom
         # The regularizer is single-threaded on our side; torch gets 1 thread too.
@@ -269,11 +270,15 @@ def main():
             continue
         half = ours.get(key.replace("/full_rank", "/half_rank"))
         op, shape, impl, _ = key.split("/")
+        io = ours.get(f"adapter_io_floor/{op.split('_')[1]}/{shape}")
+        io_ms = min(io["ms"], v["ms"]) if io else None
         adapter_rows.append({
             "shape": shape, "operation": f"{op}_{impl}", "threads": 1,
             "full_rank_ms": v["ms"], "half_rank_ms": half["ms"] if half else None,
             "half_over_full": half["ms"] / v["ms"] if half else None,
             "gemm_fraction": v["FLOP/s"] / sgemm,
+            "io_floor_ms": io["ms"] if io else None,
+            "best_half_over_full": (io_ms + (v["ms"] - io_ms) / 2) / v["ms"] if io else None,
         })
 
     machine = {
@@ -306,25 +311,29 @@ def print_table(machine, rows, adapter_rows):
           f"load average {machine['load_avg'][0]:.2f}")
     print()
     print(f"{'shape':<12} {'operation':<26} {'thr':>3} {'ours ms':>9} {'torch ms':>9} "
-          f"{'ratio':>7} {'triad':>6} {'gemm':>6} {'roof ms':>8} {'fused ms':>9}")
+          f"{'ratio':>7} {'triad':>6} {'gemm':>6} {'roof ms':>8}")
     for r in rows:
         print(f"{r['shape']:<12} {r['operation']:<26} {r['threads']:>3} {r['ours_ms']:>9.2f} "
               f"{fmt(r['torch_ms'], '>9.1f')} {fmt(r['ratio'], '>6.1f', suffix='x')} "
               f"{fmt(r['triad_fraction'], '>5.0f', 100, '%')} "
               f"{fmt(r.get('gemm_fraction'), '>5.0f', 100, '%')} "
-              f"{fmt(r.get('roofline_ms'), '>8.2f')} "
-              f"{fmt(r.get('fused_floor_ms'), '>9.2f')}")
+              f"{fmt(r.get('roofline_ms'), '>8.2f')}")
     print()
     print("ratio = torch ms / ours ms; triad = our bytes/s over the STREAM triad; gemm = our "
           "FLOP/s over Eigen SGEMM;\nroof = the roofline time (bytes at the triad rate, or FLOPs at "
-          "the SGEMM rate); fused = benchmarks/fused_floor.hpp, one fused pass over the same data")
+          "the SGEMM rate)")
     print()
     print(f"{'adapter':<14} {'operation':<28} {'full ms':>9} {'half ms':>9} {'half/full':>9} "
-          f"{'gemm':>6}")
+          f"{'gemm':>6} {'io ms':>7} {'best':>5}")
     for r in adapter_rows:
         print(f"{r['shape']:<14} {r['operation']:<28} {r['full_rank_ms']:>9.2f} "
               f"{fmt(r['half_rank_ms'], '>9.2f')} {fmt(r['half_over_full'], '>8.0f', 100, '%')} "
-              f"{fmt(r['gemm_fraction'], '>5.0f', 100, '%')}")
+              f"{fmt(r['gemm_fraction'], '>5.0f', 100, '%')} {fmt(r['io_floor_ms'], '>7.2f')} "
+              f"{fmt(r['best_half_over_full'], '>4.0f', 100, '%')}")
+    print()
+    print("io = the batch tensors' memory traffic, which no rank changes; best = (io + (full - io) / 2)"
+          " / full,
+the half/full ratio if everything else halved exactly with the rank")
 
 
 if __name__ == "__main__":

@@ -156,16 +156,16 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
   if constexpr (Mode == score_pass::update && std::is_same_v<Metric, smoothed_sensitivity> &&
                 std::is_same_v<T, float>) {
     if (sp == 1 && sg == 1 && n >= vector_block) {
-      constexpr bool sum = Sink == score_sink::sum, store = Sink == score_sink::store;
+      constexpr bool store = Sink == score_sink::store;
       const auto& c = metric.template coefficients<float>();
       sensitivity_lanes acc;
       for (; j + vector_block <= n; j += vector_block) {
         double* o = store ? out + j : block;
-        if (sensitivity_block<sum, store>(c, p + j, g + j, st + j * K, o, acc, acc)) continue;
+        if (sensitivity_block<store>(c, p + j, g + j, st + j * K, o, acc, acc)) continue;
         for (index_t l = 0; l < vector_block; ++l)
           r.non_finite += score_one<Mode>(m, role, p[j + l], g[j + l], st + (j + l) * K, o[l]);
-        sensitivity_take_scalar<sum>(o, acc);
-        sensitivity_take_scalar<sum>(o + 8, acc);
+        sensitivity_take_scalar(o, acc);
+        sensitivity_take_scalar(o + 8, acc);
       }
       acc.unpack(lane);
       invalid |= acc.all_ok() ? 0u : 1u;
@@ -246,12 +246,12 @@ inline run_summary score_columns(const smoothed_sensitivity& metric, const float
   auto next = [groups](index_t x) { return x + 1 == groups ? 0 : x + 1; };
   for (; k + vector_block <= n; k += vector_block) {
     const index_t q1 = next(q);
-    if (!sensitivity_block<true, false>(c, p + k, g + k, st + k * K, nullptr, acc[q], acc[q1])) {
+    if (!sensitivity_block<false>(c, p + k, g + k, st + k * K, nullptr, acc[q], acc[q1])) {
       for (index_t l = 0; l < vector_block; ++l)
         r.non_finite += score_one<score_pass::update>(metric, tensor_role::B, p[k + l], g[k + l],
                                                       st + (k + l) * K, scores[l]);
-      sensitivity_take_scalar<true>(scores, acc[q]);
-      sensitivity_take_scalar<true>(scores + 8, acc[q1]);
+      sensitivity_take_scalar(scores, acc[q]);
+      sensitivity_take_scalar(scores + 8, acc[q1]);
     }
     q = next(q1);
   }
@@ -259,7 +259,7 @@ inline run_summary score_columns(const smoothed_sensitivity& metric, const float
     for (index_t l = 0; l < 8; ++l)
       r.non_finite += score_one<score_pass::update>(metric, tensor_role::B, p[k + l], g[k + l],
                                                     st + (k + l) * K, scores[l]);
-    sensitivity_take_scalar<true>(scores, acc[q]);
+    sensitivity_take_scalar(scores, acc[q]);
   }
   bool ok = true;
   for (index_t g8 = 0; g8 < groups; ++g8) {
