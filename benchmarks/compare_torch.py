@@ -44,6 +44,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -177,14 +178,21 @@ def time_torch(fn, reps):
 
 
 def run_binary(binary, reps, filt):
-    cmd = [binary, "--benchmark_format=json", f"--benchmark_repetitions={reps}",
-           "--benchmark_report_aggregates_only=true", f"--benchmark_filter={filt}"]
-    print("running:", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    data = json.loads(out)
+    """Runs the binary; its console lines go to stderr as they come (progress), the JSON to a
+    temporary file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ours.json")
+        cmd = [binary, f"--benchmark_out={out}", "--benchmark_out_format=json",
+               f"--benchmark_repetitions={reps}", "--benchmark_report_aggregates_only=true",
+               f"--benchmark_filter={filt}"]
+        print("running:", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        with open(out) as f:
+            data = json.load(f)
     medians = {}
     for b in data["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+        # With one repetition Google Benchmark reports no aggregates: the run is its own median.
+        if b.get("aggregate_name") != "median" and not (reps == 1 and b.get("run_type") == "iteration"):
             continue
         name = "/".join(part for part in b["run_name"].split("/")
                         if not part.startswith(("min_time:", "manual_time", "real_time")))
@@ -228,6 +236,7 @@ def main():
                 if key not in ours:
                     print(f"note: {key} not in the binary (no threads option?)", file=sys.stderr)
                     continue
+                print(f"torch: {key}", file=sys.stderr, flush=True)
                 torch_ms = time_torch(fn, args.reps)
                 ours_ms = ours[key]["ms"]
                 rows.append({
@@ -242,6 +251,7 @@ def main():
         if args.quick and shape == "llama_r64":
             torch_ms = None
         else:
+            print(f"torch: orthogonality/{shape}", file=sys.stderr, flush=True)
             reg = torch_regularizer(shape)
             torch_ms = time_torch(reg.value_and_gradient, args.reps)
             del reg
@@ -332,8 +342,7 @@ def print_table(machine, rows, adapter_rows):
               f"{fmt(r['best_half_over_full'], '>4.0f', 100, '%')}")
     print()
     print("io = the batch tensors' memory traffic, which no rank changes; best = (io + (full - io) / 2)"
-          " / full,
-the half/full ratio if everything else halved exactly with the rank")
+          " / full,\nthe half/full ratio if everything else halved exactly with the rank")
 
 
 if __name__ == "__main__":
