@@ -17,6 +17,10 @@ bin_dir="$(bazel info --config=opt bazel-bin)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 cp "$bin_dir/benchmarks/adalora_bench" "$tmp/adalora_bench"
+# The Bazel server keeps working for a while after a build (about a fifth of a core here), which
+# on a 2-core machine halves what the first two-thread benchmarks measure. It restarts by itself
+# at the next bazel command.
+bazel shutdown
 # Debian's torch is installed for the system interpreter, not for whatever `python3` is first
 # on PATH.
 /usr/bin/python3 benchmarks/compare_torch.py --binary "$tmp/adalora_bench" "$@"
