@@ -7,11 +7,10 @@
 //
 // Each thread first runs a fixed home range of the tasks (the caller says where the ranges
 // split), then helps with what is left of the others'. Fixed homes keep each thread on the same
-// data from call to call, which matters when the data fits in cache: with tasks handed out
-// first-come, the allocator's step at the DeBERTa shape (48 MB) was often slower on two threads
-// than on one here; with homes it is 1.6-1.8x faster. Which thread runs a task is still not
-// fixed (helping), so callers give every task its own output and combine the outputs
-// afterwards in a fixed order.
+// data from call to call, so data that fits in a core's caches stays there between steps;
+// helping keeps a descheduled thread from holding up the call. Which thread runs a task is still
+// not fixed, so callers give every task its own output and combine the outputs afterwards in a
+// fixed order.
 
 #include <algorithm>
 #include <atomic>
