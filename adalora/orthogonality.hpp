@@ -100,6 +100,24 @@ constexpr bool rows_are_contiguous(const matrix_view<T>& m) noexcept {
   return cs <= rs;
 }
 
+/// The finish every Gram kernel shares, on the r × r Gram C = M·Mᵀ of which the upper triangle
+/// is filled: D = C − I in place, the lower triangle mirrored (the contract asks for all r²
+/// entries), and ||D||_F² formed from the upper triangle in a fixed order.
+template <class Acc>
+Acc finish_gram(Acc* d, index_t r) noexcept {
+  Acc diagonal = 0;
+  Acc off_diagonal = 0;
+  for (index_t i = 0; i < r; ++i) {
+    d[i * r + i] -= 1;
+    diagonal += d[i * r + i] * d[i * r + i];
+    for (index_t j = i + 1; j < r; ++j) {
+      d[j * r + i] = d[i * r + j];
+      off_diagonal += d[i * r + j] * d[i * r + j];
+    }
+  }
+  return diagonal + 2 * off_diagonal;
+}
+
 }  // namespace detail
 /// The portable (standard-library only) kernel of the regularizer. It also states the
 /// requirements on a faster kernel (e.g. an Eigen GEMM one) plugged in as the Kernel parameter of
@@ -173,17 +191,7 @@ class portable_gram_kernel {
         }
       }
     }
-    acc diagonal = 0;
-    acc off_diagonal = 0;
-    for (index_t i = 0; i < r; ++i) {
-      d[i * r + i] -= 1;
-      diagonal += d[i * r + i] * d[i * r + i];
-      for (index_t j = i + 1; j < r; ++j) {
-        d[j * r + i] = d[i * r + j];
-        off_diagonal += d[i * r + j] * d[i * r + j];
-      }
-    }
-    return diagonal + 2 * off_diagonal;
+    return detail::finish_gram(d, r);
   }
 
   void add_scaled_product(const accumulator_type* d, accumulator_type scale, matrix_view<const T> m,

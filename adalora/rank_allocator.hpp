@@ -513,9 +513,9 @@ class rank_allocator {
     split_[0] = 0;
     for (std::size_t k = 1; k < threads; ++k) {
       const std::size_t target = cumulative.back() / threads * k;
+      // At most tasks_.size(), and non-decreasing in k as the targets are.
       split_[k] = static_cast<std::size_t>(
           std::lower_bound(cumulative.begin(), cumulative.end(), target) - cumulative.begin());
-      split_[k] = std::max(split_[k - 1], std::min(split_[k], tasks_.size()));
     }
   }
 
@@ -567,12 +567,6 @@ class rank_allocator {
     }
   }
 
-  static bool finite(T x) noexcept { return std::abs(x) <= std::numeric_limits<T>::max(); }
-  static bool finite(double x) noexcept
-    requires(!std::is_same_v<T, double>)
-  {
-    return std::abs(x) <= std::numeric_limits<double>::max();
-  }
 
   struct pass_context {
     rank_allocator* self;
@@ -581,16 +575,6 @@ class rank_allocator {
   };
 
   static constexpr auto K_ = static_cast<index_t>(K);
-  /// Rows of width w that make a multiple of vector_block elements: vector_block / gcd(w, it).
-  static constexpr index_t vector_rows(index_t w) noexcept {
-    index_t a = w, b = detail::vector_block;
-    while (b != 0) {
-      const index_t t = a % b;
-      a = b;
-      b = t;
-    }
-    return detail::vector_block / a;
-  }
 
   template <pass Mode, detail::score_sink Sink = detail::score_sink::store>
   detail::run_summary score(tensor_role role, const T* p, index_t sp, const T* g, index_t sg,
@@ -628,7 +612,7 @@ class rank_allocator {
                                                    st + (i * in + j0) * K_, n, scratch);
           bad += s.non_finite;
           if constexpr (Mode != pass::check) {
-            scores_ok &= s.valid && finite(s.sum);
+            scores_ok &= s.valid && !detail::is_non_finite(s.sum);
             row[j0 / sum_block] = s.sum;
           }
         }
@@ -653,19 +637,20 @@ class rank_allocator {
       // Where the rows are contiguous, several are scored as one flat run (r is often 8 or 16:
       // a run per row would be too short to vectorise), never across a block of rows. Runs of
       // a multiple of vector_block elements where the row width allows it.
-      const index_t step = vector_rows(lr);  // lr >= 1 here
+      // Rows of width lr that make a multiple of vector_block elements (lr >= 1 here).
+      const index_t step = detail::vector_block / std::gcd(lr, detail::vector_block);
       const index_t rows_per_run = !flat || lr > sum_block ? 1
                                    : step * lr <= sum_block ? sum_block / lr / step * step
                                                             : sum_block / lr;
       bool columns = false;
-      if constexpr (detail::has_column_kernel<Mode, T, Metric>)
+      if constexpr (detail::uses_sensitivity_simd<Mode, T, Metric>)
         columns = flat && lr % 8 == 0 && lr <= detail::max_column_kernel_width;
       for (index_t j = tk.begin; j < tk.end;) {
         const index_t global = h.out_begin + j;
         const auto block = static_cast<std::size_t>(global / sum_block);
         double* col = sums + block * static_cast<std::size_t>(r) + static_cast<std::size_t>(tb);
         const index_t block_end = (global / sum_block + 1) * sum_block;
-        if constexpr (detail::has_column_kernel<Mode, T, Metric>) {
+        if constexpr (detail::uses_sensitivity_simd<Mode, T, Metric>) {
           if (columns) {  // the rows of the block in one run, summed in registers
             const index_t rows = std::min(tk.end - j, block_end - global);
             const detail::run_summary s =
@@ -766,7 +751,7 @@ class rank_allocator {
         for (std::size_t b = 0; b < L.b_blocks; ++b) col += b_sums[L.b_block + b * r + i];
         const double e = partials_[L.triplet + i], mean_a = row / in, mean_b = col / out;
         const T rounded = static_cast<T>(e) + (static_cast<T>(mean_a) + static_cast<T>(mean_b));
-        scores_[L.triplet + i] = finite(rounded) ? static_cast<double>(rounded) : e + (mean_a + mean_b);
+        scores_[L.triplet + i] = !detail::is_non_finite(rounded) ? static_cast<double>(rounded) : e + (mean_a + mean_b);
       }
     }
 

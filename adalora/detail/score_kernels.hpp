@@ -80,6 +80,17 @@ std::int64_t score_one(const Metric& m, tensor_role role, T x, T dx, T* st, doub
   return ok ? 0 : 1;
 }
 
+/// score_one for n elements (strides sp and sg): returns how many had a non-finite parameter or
+/// gradient. The path for blocks with such values, for tails and for strided runs.
+template <score_pass Mode, class T, class Metric>
+std::int64_t score_each(const Metric& m, tensor_role role, const T* p, index_t sp, const T* g,
+                        index_t sg, T* st, index_t n, double* out) {
+  constexpr auto K = static_cast<index_t>(Metric::state_size);
+  std::int64_t bad = 0;
+  for (index_t l = 0; l < n; ++l) bad += score_one<Mode>(m, role, p[l * sp], g[l * sg], st + l * K, out[l]);
+  return bad;
+}
+
 /// vector_block finite elements of a contiguous run: no test, no branch, so it vectorises.
 template <score_pass Mode, class T, class Metric>
 ADALORA_INLINE void score_block(const Metric& m, tensor_role role, const T* __restrict p, const T* __restrict g,
@@ -114,6 +125,13 @@ ADALORA_INLINE bool block_finite(const T* __restrict p, const T* __restrict g) n
   }
   return any == 0;
 }
+
+/// True where the hand-vectorised block of sensitivity_simd.hpp applies: the default metric, in
+/// float, updating.
+template <score_pass Mode, class T, class Metric>
+inline constexpr bool uses_sensitivity_simd = ADALORA_SENSITIVITY_SIMD && Mode == score_pass::update &&
+                                              std::is_same_v<Metric, smoothed_sensitivity> &&
+                                              std::is_same_v<T, float>;
 
 /// Where a run's scores go: summed (a row of A: only the sum is kept) or stored (E and B).
 enum class score_sink : std::uint8_t { sum, store };
@@ -153,17 +171,15 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
   index_t j = 0;
 #if ADALORA_SENSITIVITY_SIMD
   // The default metric in float, updating: the hand-vectorised block (sensitivity_simd.hpp).
-  if constexpr (Mode == score_pass::update && std::is_same_v<Metric, smoothed_sensitivity> &&
-                std::is_same_v<T, float>) {
-    if (sp == 1 && sg == 1 && n >= vector_block) {
+  if constexpr (uses_sensitivity_simd<Mode, T, Metric>) {
+    if (sp == 1 && sg == 1) {
       constexpr bool store = Sink == score_sink::store;
       const auto& c = metric.template coefficients<float>();
       sensitivity_lanes acc;
       for (; j + vector_block <= n; j += vector_block) {
         double* o = store ? out + j : block;
         if (sensitivity_block<store>(c, p + j, g + j, st + j * K, o, acc, acc)) continue;
-        for (index_t l = 0; l < vector_block; ++l)
-          r.non_finite += score_one<Mode>(m, role, p[j + l], g[j + l], st + (j + l) * K, o[l]);
+        r.non_finite += score_each<Mode>(m, role, p + j, 1, g + j, 1, st + j * K, vector_block, o);
         sensitivity_take_scalar(o, acc);
         sensitivity_take_scalar(o + 8, acc);
       }
@@ -178,8 +194,7 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
       if (block_finite<Mode>(p + j, g + j)) {
         if constexpr (scores) score_block<Mode>(m, role, p + j, g + j, st + j * K, o);
       } else {
-        for (index_t l = 0; l < vector_block; ++l)
-          r.non_finite += score_one<Mode>(m, role, p[j + l], g[j + l], st + (j + l) * K, o[l]);
+        r.non_finite += score_each<Mode>(m, role, p + j, 1, g + j, 1, st + j * K, vector_block, o);
       }
       if constexpr (scores) {
         ADALORA_VECTOR_LOOP
@@ -194,8 +209,7 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
   while (j < n) {
     const index_t c = n - j < 8 ? n - j : 8;
     double* o = Sink == score_sink::store ? out + j : block;
-    for (index_t l = 0; l < c; ++l)
-      r.non_finite += score_one<Mode>(m, role, p[(j + l) * sp], g[(j + l) * sg], st + (j + l) * K, o[l]);
+    r.non_finite += score_each<Mode>(m, role, p + j * sp, sp, g + j * sg, sg, st + j * K, c, o);
     if constexpr (scores) {
       for (index_t l = 0; l < c; ++l) invalid |= invalid_score(o[l]);
       if constexpr (Sink == score_sink::sum) {
@@ -212,11 +226,6 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
   return r;
 }
 
-/// True where score_columns has a vectorised path: the default metric, in float, updating.
-template <score_pass Mode, class T, class Metric>
-inline constexpr bool has_column_kernel = ADALORA_SENSITIVITY_SIMD && Mode == score_pass::update &&
-                                          std::is_same_v<Metric, smoothed_sensitivity> &&
-                                          std::is_same_v<T, float>;
 /// The widest rows score_columns takes (its lanes live on the stack).
 inline constexpr index_t max_column_kernel_width = 256;
 
@@ -224,8 +233,8 @@ inline constexpr index_t max_column_kernel_width = 256;
 /// smoothed_sensitivity's update of `rows` contiguous rows of `width` float elements (width a
 /// multiple of 8, at most max_column_kernel_width: rows of B, one per output feature, one
 /// element per triplet), adding each column's scores to col[i] in row order: the same sums as
-/// adding row after row, without writing the scores anywhere. col must hold zeros (or the sums
-/// of the rows before, when called again for the rows that follow).
+/// adding row after row, without writing the scores anywhere. Used where
+/// uses_sensitivity_simd holds.
 inline run_summary score_columns(const smoothed_sensitivity& metric, const float* p,
                                  const float* g, float* st, index_t rows, index_t width,
                                  double* col) {
@@ -233,11 +242,10 @@ inline run_summary score_columns(const smoothed_sensitivity& metric, const float
   const auto& c = metric.coefficients<float>();
   const index_t groups = width / 8;  // eight columns each; group q of a row sums into acc[q]
   sensitivity_lanes acc[max_column_kernel_width / 8];
-  for (index_t q = 0; q < groups; ++q) {
-    double start[8];
-    for (index_t l = 0; l < 8; ++l) start[l] = col[8 * q + l];
-    acc[q].low = v4d{start[0], start[1], start[4], start[5]};
-    acc[q].high = v4d{start[2], start[3], start[6], start[7]};
+  for (index_t q = 0; q < groups; ++q) {  // the lanes start from col, in their order
+    const double* c0 = col + 8 * q;
+    acc[q].low = v4d{c0[0], c0[1], c0[4], c0[5]};
+    acc[q].high = v4d{c0[2], c0[3], c0[6], c0[7]};
   }
   run_summary r;
   double scores[vector_block];
@@ -247,18 +255,16 @@ inline run_summary score_columns(const smoothed_sensitivity& metric, const float
   for (; k + vector_block <= n; k += vector_block) {
     const index_t q1 = next(q);
     if (!sensitivity_block<false>(c, p + k, g + k, st + k * K, nullptr, acc[q], acc[q1])) {
-      for (index_t l = 0; l < vector_block; ++l)
-        r.non_finite += score_one<score_pass::update>(metric, tensor_role::B, p[k + l], g[k + l],
-                                                      st + (k + l) * K, scores[l]);
+      r.non_finite += score_each<score_pass::update>(metric, tensor_role::B, p + k, 1, g + k, 1,
+                                                     st + k * K, vector_block, scores);
       sensitivity_take_scalar(scores, acc[q]);
       sensitivity_take_scalar(scores + 8, acc[q1]);
     }
     q = next(q1);
   }
   if (k < n) {  // one group of eight left (an odd number of rows of width 8·odd)
-    for (index_t l = 0; l < 8; ++l)
-      r.non_finite += score_one<score_pass::update>(metric, tensor_role::B, p[k + l], g[k + l],
-                                                    st + (k + l) * K, scores[l]);
+    r.non_finite += score_each<score_pass::update>(metric, tensor_role::B, p + k, 1, g + k, 1,
+                                                   st + k * K, 8, scores);
     sensitivity_take_scalar(scores, acc[q]);
   }
   bool ok = true;

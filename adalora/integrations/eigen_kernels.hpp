@@ -248,18 +248,7 @@ class eigen_gram_kernel {
         dm.template selfadjointView<Eigen::Upper>().rankUpdate(pm, Acc(1));
       });
     }
-    // The same finish as the portable kernel: D = C − I, the norm from the upper triangle, and
-    // the lower triangle mirrored (the contract asks for all r² entries).
-    Acc diagonal = 0, off_diagonal = 0;
-    for (index_t i = 0; i < r; ++i) {
-      d[i * r + i] -= 1;
-      diagonal += d[i * r + i] * d[i * r + i];
-      for (index_t j = i + 1; j < r; ++j) {
-        d[j * r + i] = d[i * r + j];
-        off_diagonal += d[i * r + j] * d[i * r + j];
-      }
-    }
-    return diagonal + 2 * off_diagonal;
+    return detail::finish_gram(d, r);  // the same finish as the portable kernel
   }
 
   void add_scaled_product(const Acc* d, Acc scale, matrix_view<const T> m,
