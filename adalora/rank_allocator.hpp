@@ -644,7 +644,7 @@ class rank_allocator {
                                                             : sum_block / lr;
       bool columns = false;
       if constexpr (detail::uses_sensitivity_simd<Mode, T, Metric>)
-        columns = flat && lr % 8 == 0 && lr <= detail::max_column_kernel_width;
+        columns = flat && lr % 4 == 0 && lr <= detail::max_column_kernel_width;
       for (index_t j = tk.begin; j < tk.end;) {
         const index_t global = h.out_begin + j;
         const auto block = static_cast<std::size_t>(global / sum_block);

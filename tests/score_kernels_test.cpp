@@ -122,12 +122,13 @@ void check_same(const alloc_t<adalora::smoothed_sensitivity>& fast,
 TEST_CASE("the vectorised update, sums and column sums equal the plain element loop bit for bit",
           "[allocator][kernels]") {
   // in: run lengths below, at and around the 16-element blocks and the 256-element sum blocks;
-  // r (the width of B's rows): multiples of 8 (the column kernel, 8 to 64) and not (12, 5, 3);
-  // out: odd and even row counts, below and across a 256-row block.
+  // r (the width of B's rows): multiples of 4 (the column kernel: 4 to 72, 8 and 12 held in
+  // registers) and not (5, 3, 1); out: odd and even row counts, below and across a 256-row block.
   const std::vector<adalora::adapter_shape> shapes = {
       {"a", 300, 257, 8},  {"b", 16, 33, 16},  {"c", 17, 19, 24}, {"d", 768, 40, 12},
       {"e", 15, 513, 64},  {"f", 31, 7, 5},    {"g", 1, 1, 3},    {"h", 256, 300, 72},
-      {"i", 40, 9, 8},     {"j", 33, 600, 1}};
+      {"i", 40, 9, 8},     {"j", 33, 600, 1},   {"k", 20, 13, 12}, {"l", 9, 11, 4},
+      {"m", 24, 301, 12},  {"n", 8, 5, 20}};
   std::int64_t b0 = 0;
   for (const auto& s : shapes) b0 += s.rank;
 

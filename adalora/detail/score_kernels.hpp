@@ -22,6 +22,7 @@
 #include <span>
 #include <type_traits>
 
+#include "adalora/detail/prefetch.hpp"
 #include "adalora/detail/sensitivity_simd.hpp"
 #include "adalora/importance/metric.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
@@ -37,8 +38,10 @@
 #endif
 #if defined(__GNUC__)
 #define ADALORA_INLINE [[gnu::always_inline]] inline
+#define ADALORA_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define ADALORA_INLINE inline
+#define ADALORA_INLINE_LAMBDA
 #endif
 
 namespace adalora::detail {
@@ -151,6 +154,26 @@ ADALORA_INLINE unsigned invalid_score(double x) noexcept {
   return (static_cast<unsigned>(x >= 0.0) & static_cast<unsigned>(x <= std::numeric_limits<double>::max())) ^ 1u;
 }
 
+#if ADALORA_SENSITIVITY_SIMD
+/// For a run of n elements that sensitivity_group updated while some |w·∇w| was not finite:
+/// each element's score as score_one gives it (0 for a non-finite parameter, else Ī·Ū from the
+/// state, which the update left alone for a non-finite parameter or gradient), passed in order
+/// to take(element, score). Returns the number of elements with a non-finite parameter or
+/// gradient.
+template <class Take>
+std::int64_t rescore(const smoothed_sensitivity& m, tensor_role role, const float* p, const float* g,
+                     const float* st, index_t n, Take&& take) {
+  constexpr auto K = static_cast<index_t>(smoothed_sensitivity::state_size);
+  std::int64_t bad = 0;
+  for (index_t e = 0; e < n; ++e) {
+    const bool p_bad = is_non_finite(p[e]);
+    bad += p_bad || is_non_finite(g[e]) ? 1 : 0;
+    take(e, p_bad ? 0.0 : m.score(role, p[e], std::span<const float, 2>(st + e * K, 2)));
+  }
+  return bad;
+}
+#endif
+
 /// Scores n elements (parameters p and gradients g with strides sp and sg, their state st, K
 /// values each). Sink::store writes the scores to out[0, n); Sink::sum adds them up in a fixed
 /// order (eight interleaved lanes over the full groups of eight, the rest in order, then a fixed
@@ -170,27 +193,31 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
   double block[vector_block];
   index_t j = 0;
 #if ADALORA_SENSITIVITY_SIMD
-  // The default metric in float, updating: the hand-vectorised block (sensitivity_simd.hpp).
+  // The default metric in float, updating: the hand-vectorised groups (sensitivity_simd.hpp).
   if constexpr (uses_sensitivity_simd<Mode, T, Metric>) {
     if (sp == 1 && sg == 1) {
       constexpr bool store = Sink == score_sink::store;
-      const auto& c = metric.template coefficients<float>();
+      const sensitivity_coefficients c(metric.template coefficients<float>());
       sensitivity_lanes acc;
-      for (; j + vector_block <= n; j += vector_block) {
-        double* o = store ? out + j : block;
-        if (sensitivity_block<store>(c, p + j, g + j, st + j * K, o, acc, acc)) continue;
-        r.non_finite += score_each<Mode>(m, role, p + j, 1, g + j, 1, st + j * K, vector_block, o);
-        sensitivity_take_scalar(o, acc);
-        sensitivity_take_scalar(o + 8, acc);
+      for (; j + 8 <= n; j += 8) sensitivity_group<store>(c, p + j, g + j, st + j * K, store ? out + j : nullptr, acc);
+      if (acc.inputs_finite()) {
+        acc.unpack(lane);
+        invalid |= acc.scores_ok() ? 0u : 1u;
+      } else {
+        r.non_finite += rescore(metric, role, p, g, st, j, [&](index_t e, double x) {
+          lane[e % 8] += x;
+          invalid |= invalid_score(x);
+          if constexpr (store) out[e] = x;
+        });
       }
-      acc.unpack(lane);
-      invalid |= acc.all_ok() ? 0u : 1u;
     }
   }
 #endif
   if (sp == 1 && sg == 1) {
     for (; j + vector_block <= n; j += vector_block) {
       double* o = Sink == score_sink::store ? out + j : block;
+      prefetch_ahead<vector_block>(p + j, Mode == score_pass::frozen ? nullptr : g + j,
+                                   st + j * K, Mode == score_pass::check ? 0 : K);
       if (block_finite<Mode>(p + j, g + j)) {
         if constexpr (scores) score_block<Mode>(m, role, p + j, g + j, st + j * K, o);
       } else {
@@ -230,49 +257,76 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
 inline constexpr index_t max_column_kernel_width = 256;
 
 #if ADALORA_SENSITIVITY_SIMD
-/// smoothed_sensitivity's update of `rows` contiguous rows of `width` float elements (width a
-/// multiple of 8, at most max_column_kernel_width: rows of B, one per output feature, one
-/// element per triplet), adding each column's scores to col[i] in row order: the same sums as
-/// adding row after row, without writing the scores anywhere. Used where
+/// smoothed_sensitivity's update of `rows` contiguous rows of `width` float elements (rows of B,
+/// one per output feature, one element per triplet; width a multiple of 4, at most
+/// max_column_kernel_width), adding each column's scores to col[i] in row order: the same sums
+/// as adding row after row, without writing the scores anywhere. Used where
 /// uses_sensitivity_simd holds.
+///
+/// The column sums live in width / 4 vectors of four ("quads"); the eight scores of each group
+/// go to two consecutive quads, cyclically, so that every column is one chain of additions in
+/// row order whatever the width. For 8 and 12 columns (r = 8, 12: the common ranks) the quads
+/// stay in registers.
 inline run_summary score_columns(const smoothed_sensitivity& metric, const float* p,
                                  const float* g, float* st, index_t rows, index_t width,
                                  double* col) {
   constexpr index_t K = smoothed_sensitivity::state_size;
-  const auto& c = metric.coefficients<float>();
-  const index_t groups = width / 8;  // eight columns each; group q of a row sums into acc[q]
-  sensitivity_lanes acc[max_column_kernel_width / 8];
-  for (index_t q = 0; q < groups; ++q) {  // the lanes start from col, in their order
-    const double* c0 = col + 8 * q;
-    acc[q].low = v4d{c0[0], c0[1], c0[4], c0[5]};
-    acc[q].high = v4d{c0[2], c0[3], c0[6], c0[7]};
+  const sensitivity_coefficients c(metric.coefficients<float>());
+  const index_t quads = width / 4;
+  const index_t n = rows * width, groups = n / 8;
+  v4d sum[max_column_kernel_width / 4];
+  for (index_t q = 0; q < quads; ++q) std::memcpy(&sum[q], col + 4 * q, sizeof sum[q]);
+  v4d min{0, 0, 0, 0};
+  v8i finite = v8i{} - 1;
+  auto group = [&](index_t k, v4d& first, v4d& second) ADALORA_INLINE_LAMBDA {
+    v4d s_low, s_high;
+    sensitivity_update(c, p + 8 * k, g + 8 * k, st + 8 * k * K, finite, s_low, s_high);
+    sensitivity_take(first, min, s_low);
+    sensitivity_take(second, min, s_high);
+  };
+  index_t k = 0;
+  if (quads == 2) {
+    v4d s0 = sum[0], s1 = sum[1];
+    for (; k < groups; ++k) group(k, s0, s1);
+    sum[0] = s0, sum[1] = s1;
+  } else if (quads == 3) {  // three groups make two rows
+    v4d s0 = sum[0], s1 = sum[1], s2 = sum[2];
+    for (; k + 3 <= groups; k += 3) group(k, s0, s1), group(k + 1, s2, s0), group(k + 2, s1, s2);
+    sum[0] = s0, sum[1] = s1, sum[2] = s2;
   }
-  run_summary r;
-  double scores[vector_block];
-  const index_t n = rows * width;
-  index_t k = 0, q = 0;  // element k starts group q of its row
-  auto next = [groups](index_t x) { return x + 1 == groups ? 0 : x + 1; };
-  for (; k + vector_block <= n; k += vector_block) {
+  // Other widths, and what the loops above left, through the quads in memory. Half-group h
+  // (four elements) belongs to quad h mod quads.
+  auto next = [quads](index_t x) { return x + 1 == quads ? 0 : x + 1; };
+  index_t q = 2 * k % quads;
+  for (; k < groups; ++k) {
     const index_t q1 = next(q);
-    if (!sensitivity_block<false>(c, p + k, g + k, st + k * K, nullptr, acc[q], acc[q1])) {
-      r.non_finite += score_each<score_pass::update>(metric, tensor_role::B, p + k, 1, g + k, 1,
-                                                     st + k * K, vector_block, scores);
-      sensitivity_take_scalar(scores, acc[q]);
-      sensitivity_take_scalar(scores + 8, acc[q1]);
-    }
+    group(k, sum[q], sum[q1]);
     q = next(q1);
   }
-  if (k < n) {  // one group of eight left (an odd number of rows of width 8·odd)
-    r.non_finite += score_each<score_pass::update>(metric, tensor_role::B, p + k, 1, g + k, 1,
-                                                   st + k * K, 8, scores);
-    sensitivity_take_scalar(scores, acc[q]);
+  run_summary r;
+  if (n % 8 != 0) {  // four elements left: the end of the last row
+    double s[4];
+    r.non_finite = score_each<score_pass::update>(metric, tensor_role::B, p + 8 * k, 1, g + 8 * k, 1,
+                                                  st + 8 * k * K, 4, s);
+    sensitivity_take(sum[q], min, v4d{s[0], s[1], s[2], s[3]});
   }
+  bool all_finite = true;
+  for (int l = 0; l < 8; ++l) all_finite &= finite[l] != 0;
+  if (!all_finite) {  // col still holds the sums before this call
+    unsigned invalid = 0;
+    r.non_finite = rescore(metric, tensor_role::B, p, g, st, n, [&](index_t e, double x) {
+      col[e % width] += x;
+      invalid |= invalid_score(x);
+    });
+    r.valid = invalid == 0;
+    return r;
+  }
+  constexpr double max = std::numeric_limits<double>::max();
   bool ok = true;
-  for (index_t g8 = 0; g8 < groups; ++g8) {
-    double lane[8];
-    acc[g8].unpack(lane);
-    for (index_t l = 0; l < 8; ++l) col[8 * g8 + l] = lane[l];
-    ok &= acc[g8].all_ok();
+  for (int l = 0; l < 4; ++l) ok &= min[l] >= 0.0;
+  for (index_t i = 0; i < quads; ++i) {
+    std::memcpy(col + 4 * i, &sum[i], sizeof sum[i]);
+    for (int l = 0; l < 4; ++l) ok &= std::abs(sum[i][l]) <= max;
   }
   r.valid = ok;
   return r;
