@@ -177,14 +177,18 @@ def time_torch(fn, reps):
 # ---- our side -----------------------------------------------------------------------------------
 
 
-def run_binary(binary, reps, filt):
+def run_binary(binary, reps, filt, interleave=False):
     """Runs the binary; its console lines go to stderr as they come (progress), the JSON to a
-    temporary file."""
+    temporary file. With interleave, the repetitions of the selected benchmarks run in random
+    order, so that a burst of load on this shared machine spreads over all of them instead of
+    skewing one (the adapter's half/full ratios compare two benchmarks)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ours.json")
         cmd = [binary, f"--benchmark_out={out}", "--benchmark_out_format=json",
                f"--benchmark_repetitions={reps}", "--benchmark_report_aggregates_only=true",
                f"--benchmark_filter={filt}"]
+        if interleave:
+            cmd.append("--benchmark_enable_random_interleaving=true")
         print("running:", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=sys.stderr)
         with open(out) as f:
@@ -219,9 +223,12 @@ def main():
     threads = [int(t) for t in args.threads.split(",")]
     shapes = args.shapes.split(",")
 
-    # The rooflines, the adapter benchmarks, and every benchmark of the chosen shapes.
-    filt = "stream_triad|eigen_.gemm|adapter_|/(" + "|".join(shapes) + ")/"
+    # The rooflines and every benchmark of the chosen shapes, grouped by shape (each shape's
+    # tensors are allocated once); then the adapter benchmarks, whose fixtures are small, with
+    # their repetitions interleaved.
+    filt = "stream_triad|eigen_.gemm|/(" + "|".join(shapes) + ")/"
     context, ours = run_binary(args.binary, args.reps, filt)
+    ours.update(run_binary(args.binary, args.reps, "adapter_", interleave=True)[1])
     triad = {1: float(context["triad_1thread_GBps"]) * 1e9,
              2: float(context["triad_2threads_GBps"]) * 1e9}
     sgemm = float(context["eigen_sgemm_GFLOPs"]) * 1e9

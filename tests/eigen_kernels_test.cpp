@@ -378,8 +378,8 @@ TEMPLATE_TEST_CASE("eigen_adapter_forward/backward agree with the portable adapt
   // Products larger than one GEMM tile (128 × 128 × 128 floats) in every dimension.
   check_adapter<TestType>(300, 260, 24, 150, kind::row_major, kind::row_major, kind::row_major);
   check_adapter<TestType>(300, 260, 24, 150, kind::col_major, kind::padded, kind::no_unit_stride);
-  // A rank the kernels pad to a multiple of 4 (6 -> 8, r = 5 above too), and one above the
-  // padding limit that is not a multiple of 4.
+  // Ranks that are not a multiple of Eigen's 4-column register blocks, in column-major thin
+  // results larger than one tile.
   check_adapter<TestType>(300, 260, 6, 150, kind::row_major, kind::row_major, kind::row_major);
   check_adapter<TestType>(300, 260, 6, 150, kind::no_unit_stride, kind::col_major, kind::padded);
   check_adapter<TestType>(70, 90, 66, 40, kind::row_major, kind::padded, kind::row_major);
