@@ -2,7 +2,7 @@
 # Builds the benchmarks optimised and runs them side by side with the PyTorch reference idioms
 # (benchmarks/compare_torch.py, Debian's python3-torch): one table of medians and ratios.
 #
-#   benchmarks/compare.sh                      # all shapes, 1 and 2 threads, 5 repetitions
+#   benchmarks/compare.sh                      # all shapes, 1 and 2 threads, 5 rounds
 #   benchmarks/compare.sh --json perf.json     # also write the table as JSON
 #   benchmarks/compare.sh --reps 3 --quick     # faster: skips the ~30 s LLaMA r=64 torch regularizer
 #

@@ -217,7 +217,8 @@ def main():
     ap.add_argument("--binary", required=True,
                     help="the adalora benchmark binary, built with --config=opt (compare.sh "
                          "passes it)")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median)")
+    ap.add_argument("--reps", type=int, default=5,
+                    help="rounds per shape (and adapter repetitions); figures are their medians")
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--json", help="write the table as JSON here")
