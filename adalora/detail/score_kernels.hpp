@@ -310,9 +310,7 @@ inline run_summary score_columns(const smoothed_sensitivity& metric, const float
                                                   st + 8 * k * K, 4, s);
     sensitivity_take(sum[q], min, v4d{s[0], s[1], s[2], s[3]});
   }
-  bool all_finite = true;
-  for (int l = 0; l < 8; ++l) all_finite &= finite[l] != 0;
-  if (!all_finite) {  // col still holds the sums before this call
+  if (!all_lanes(finite)) {  // col still holds the sums before this call
     unsigned invalid = 0;
     r.non_finite = rescore(metric, tensor_role::B, p, g, st, n, [&](index_t e, double x) {
       col[e % width] += x;
@@ -321,12 +319,10 @@ inline run_summary score_columns(const smoothed_sensitivity& metric, const float
     r.valid = invalid == 0;
     return r;
   }
-  constexpr double max = std::numeric_limits<double>::max();
-  bool ok = true;
-  for (int l = 0; l < 4; ++l) ok &= min[l] >= 0.0;
+  bool ok = nonnegative(min);
   for (index_t i = 0; i < quads; ++i) {
     std::memcpy(col + 4 * i, &sum[i], sizeof sum[i]);
-    for (int l = 0; l < 4; ++l) ok &= std::abs(sum[i][l]) <= max;
+    ok &= finite_lanes(sum[i]);
   }
   r.valid = ok;
   return r;

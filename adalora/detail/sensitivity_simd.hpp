@@ -9,8 +9,8 @@
 // Layout: the state {Ī, Ū} of elements 0..7 is interleaved over 16 floats. Loading its quarters
 // as [0..3 | 8..11] and [4..7 | 12..15] lets two in-lane shuffles (`shufps`) split it into Ī and
 // Ū in the elements' natural order, and two (`unpck`) interleave it again, stored as 128-bit
-// halves: the parameters, gradients and scores need no shuffle at all. (Shuffles all go to one
-// execution port on x86; they, not the arithmetic, bound this loop.)
+// halves: the parameters, gradients and scores need no shuffle at all. (On x86 most shuffles
+// share one execution port, which makes them the scarce resource of this loop.)
 //
 // Every element is computed exactly as smoothed_sensitivity::update computes it (same
 // operations, same order, no FMA under -ffp-contract=off), so the state is bit-identical; the
@@ -20,7 +20,7 @@
 // |w·∇w| is NaN or infinite, the update's own overflow guard then keeps the element's state, and
 // only the score differs from score_one's (0 for a non-finite parameter) and the element goes
 // uncounted. The lanes remember whether any |w·∇w| was not finite; the caller then rescores the
-// run from the state (rescore_lanes in score_kernels.hpp), which the rare case can afford.
+// run from the state (rescore in score_kernels.hpp), which the rare case can afford.
 
 #include <cmath>
 #include <cstdint>
@@ -63,6 +63,27 @@ struct sensitivity_coefficients {
       : b1(v8f{} + c.b1), c1(v8f{} + c.c1), b2(v8f{} + c.b2), c2(v8f{} + c.c2) {}
 };
 
+/// True iff every lane of m is set (the lanes are all-ones or zero).
+[[gnu::always_inline]] inline bool all_lanes(const v8i& m) noexcept {
+  bool all = true;
+  for (int i = 0; i < 8; ++i) all &= m[i] != 0;
+  return all;
+}
+
+/// True iff every lane of min is >= 0 (false for NaN).
+[[gnu::always_inline]] inline bool nonnegative(const v4d& min) noexcept {
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) ok &= min[i] >= 0.0;
+  return ok;
+}
+
+/// True iff every lane of s is finite.
+[[gnu::always_inline]] inline bool finite_lanes(const v4d& s) noexcept {
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) ok &= std::abs(s[i]) <= std::numeric_limits<double>::max();
+  return ok;
+}
+
 /// The running sums of a run: lanes 0..3 in `low` and 4..7 in `high`, the smallest score so far,
 /// and whether every |w·∇w| was finite. The scores were all finite and >= 0 iff the minimum is
 /// >= 0 and the lane sums are finite (a NaN or an infinity reaches its lane's sum).
@@ -72,28 +93,12 @@ struct sensitivity_lanes {
   v4d min{0, 0, 0, 0};
   v8i finite{-1, -1, -1, -1, -1, -1, -1, -1};
 
-  sensitivity_lanes() = default;
-  /// Lanes that continue from sums s[0, 8).
-  explicit sensitivity_lanes(const double* s) noexcept {
-    std::memcpy(&low, s, sizeof low);
-    std::memcpy(&high, s + 4, sizeof high);
-  }
   void unpack(double* lane) const noexcept {
     std::memcpy(lane, &low, sizeof low);
     std::memcpy(lane + 4, &high, sizeof high);
   }
-  bool inputs_finite() const noexcept {
-    bool all = true;
-    for (int i = 0; i < 8; ++i) all &= finite[i] != 0;
-    return all;
-  }
-  bool scores_ok() const noexcept {
-    constexpr double max = std::numeric_limits<double>::max();
-    bool ok = true;
-    for (int i = 0; i < 4; ++i)
-      ok &= min[i] >= 0.0 && std::abs(low[i]) <= max && std::abs(high[i]) <= max;
-    return ok;
-  }
+  bool inputs_finite() const noexcept { return all_lanes(finite); }
+  bool scores_ok() const noexcept { return nonnegative(min) && finite_lanes(low) && finite_lanes(high); }
 };
 
 /// smoothed_sensitivity::update of eight contiguous float elements (parameters p, gradients g,
