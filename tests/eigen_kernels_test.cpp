@@ -378,10 +378,14 @@ TEMPLATE_TEST_CASE("eigen_adapter_forward/backward agree with the portable adapt
   // Products larger than one GEMM tile (128 × 128 × 128 floats) in every dimension.
   check_adapter<TestType>(300, 260, 24, 150, kind::row_major, kind::row_major, kind::row_major);
   check_adapter<TestType>(300, 260, 24, 150, kind::col_major, kind::padded, kind::no_unit_stride);
-  // Ranks that are not a multiple of Eigen's 4-column register blocks, in column-major thin
-  // results larger than one tile.
+  // The small-rank kernels (eigen_thin_products.hpp: r <= 16, row-major batch tensors) at the
+  // edges of their register blocks (rows of 4, 3 and 6 columns, 1 and 2 packets, scalar tails),
+  // and Eigen's GEMM just above them and with column-major batch tensors.
+  for (index_t r : {1, 4, 6, 7, 12, 16, 17})
+    check_adapter<TestType>(45, 70, r, 13, kind::row_major, kind::row_major, kind::padded);
   check_adapter<TestType>(300, 260, 6, 150, kind::row_major, kind::row_major, kind::row_major);
   check_adapter<TestType>(300, 260, 6, 150, kind::no_unit_stride, kind::col_major, kind::padded);
+  check_adapter<TestType>(300, 260, 12, 150, kind::col_major, kind::row_major, kind::col_major);
   check_adapter<TestType>(70, 90, 66, 40, kind::row_major, kind::padded, kind::row_major);
 }
 

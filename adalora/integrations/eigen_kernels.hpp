@@ -7,8 +7,10 @@
 //    rank update (upper triangle: half the FLOPs of a GEMM), the gradient (C − I)·M by GEMM.
 //        adalora::orthogonality_regularizer<float, adalora::eigen_gram_kernel<float>> orth;
 //  * eigen_adapter_forward / eigen_adapter_backward: adapter_forward / adapter_backward
-//    (svd_adapter.hpp) with the same arguments, checks, exceptions and add-into semantics, the
-//    four products done by Eigen's GEMM.
+//    (svd_adapter.hpp) with the same arguments, checks, exceptions and add-into semantics. At
+//    r <= 16 with row-major batch tensors the products run on the register-blocked kernels of
+//    eigen_thin_products.hpp (Eigen's packet math; Eigen's GEMM wastes most of its blocks
+//    there), otherwise on Eigen's GEMM.
 //
 // Agreement, not bit parity. The portable kernels reproduce torch bit for bit because they sum
 // every dot product sequentially without FMA. Eigen's GEMM blocks the sums, keeps several partial
@@ -39,10 +41,13 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "adalora/config.hpp"
+#include "adalora/integrations/eigen_thin_products.hpp"
 #include "adalora/matrix_view.hpp"
 #include "adalora/orthogonality.hpp"
 #include "adalora/svd_adapter.hpp"
@@ -336,6 +341,23 @@ void add_rows(const matrix_view<T>& out, const T* t) noexcept {
     for (index_t j = 0; j < c; ++j) out(i, j) += t[i * c + j];
 }
 
+/// From dae = d(A ⊙ E) (r × in, row-major): dA += dae ⊙ E (row i scaled by E_i) and
+/// dE_i += Σ_j dae(i, j) · A(i, j).
+template <class T>
+void add_scaled_rows(const svd_adapter_ref<const T>& p, const T* dae,
+                     const svd_adapter_ref<T>& grads) noexcept {
+  const index_t r = p.rank(), in = p.in_features();
+  for (index_t i = 0; i < r; ++i) {
+    const T e = p.E[i];
+    T de = 0;
+    for (index_t j = 0; j < in; ++j) {
+      grads.A(i, j) += dae[i * in + j] * e;
+      de += dae[i * in + j] * p.A(i, j);
+    }
+    grads.E[i] += de;
+  }
+}
+
 /// The dense form of an output view, or a zeroed scratch block to be added afterwards.
 template <class T>
 dense<T> output(const matrix_view<T>& v, bool direct, const dense<T>& mapped, T* scratch) {
@@ -344,11 +366,31 @@ dense<T> output(const matrix_view<T>& v, bool direct, const dense<T>& mapped, T*
   return {scratch, v.rows(), v.cols(), v.cols() > 0 ? v.cols() : 1, true};
 }
 
-// Thin results. The adapter's products with r columns (h = x·(A⊙E)ᵀ, dh = dy·B and the product
-// for dB) are formed column-major. Eigen's GEMM works column-major with register blocks of
-// 24 rows by 4 columns (AVX, float); a row-major n × r result is computed as its transpose, which
-// puts r in the 24-row dimension, mostly empty at r <= 16. Column-major puts n there: at the
-// DeBERTa query shape (768 × 768, 512 rows, r = 12) the backward went from ~1.3 to ~1.0 ms.
+/// bt (r × rows of b, row-major) = bᵀ.
+template <class T>
+void transpose_into(const dense<const T>& b, T* bt) noexcept {
+  for (index_t o = 0; o < b.rows; ++o)
+    for (index_t j = 0; j < b.cols; ++j)
+      bt[j * b.rows + o] = b.row_major ? b.data[o * b.outer + j] : b.data[o + j * b.outer];
+}
+
+/// True where eigen_thin_products.hpp takes the adapter: small rank, and every batch tensor
+/// (x, y or dy and dx: `direct` when mapped in place) row-major.
+template <class T>
+bool thin_adapter(index_t r, std::initializer_list<std::pair<bool, bool>> direct_row_major) noexcept {
+  if (r > eigen_thin::thin_rank_limit) return false;
+  for (const auto& [direct, row_major] : direct_row_major)
+    if (direct && !row_major) return false;
+  return true;
+}
+
+// Thin results on Eigen's GEMM path. The adapter's products with r columns (h = x·(A⊙E)ᵀ,
+// dh = dy·B and the product for dB) are formed column-major. Eigen's GEMM works column-major with
+// register blocks of 24 rows by 4 columns (AVX, float); a row-major n × r result is computed as
+// its transpose, which puts r in the 24-row dimension, mostly empty at small r. Column-major puts
+// n there: at the DeBERTa query shape (768 × 768, 512 rows, r = 12) the GEMM backward went from
+// ~1.3 to ~1.0 ms (the thin kernels, which now take that shape, ~0.95 ms; ~0.55 ms at r = 6
+// against the GEMM's ~0.8).
 
 template <class T>
 void forward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
@@ -368,9 +410,11 @@ void forward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   dense<T> yd;
   const bool x_direct = as_dense(x, xd), b_direct = as_dense(matrix_view<const T>(p.B), bd),
              y_direct = as_dense(y, yd);
+  const bool thin = thin_adapter<T>(r, {{x_direct, xd.row_major}, {y_direct, yd.row_major}});
   adapter_scratch lay;
   const std::size_t ae_at = lay.take(static_cast<std::size_t>(r * in));
   const std::size_t h_at = lay.take(static_cast<std::size_t>(n * r));
+  const std::size_t bt_at = thin ? lay.take(static_cast<std::size_t>(out * r)) : 0;
   const std::size_t x_at = x_direct ? 0 : lay.take(static_cast<std::size_t>(n * in));
   const std::size_t b_at = b_direct ? 0 : lay.take(static_cast<std::size_t>(out * r));
   const std::size_t y_at = y_direct ? 0 : lay.take(static_cast<std::size_t>(n * out));
@@ -380,6 +424,17 @@ void forward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   scaled_rows(p, ae);
   if (!x_direct) xd = pack<T>(x, base + x_at);
   if (!b_direct) bd = pack<T>(matrix_view<const T>(p.B), base + b_at);
+  if (thin) {  // h = c · x · (A ⊙ E)ᵀ, y += h · Bᵀ
+    namespace et = eigen_thin;
+    T* h = base + h_at;
+    T* bt = base + bt_at;
+    transpose_into(bd, bt);
+    const dense<T> yo = output(y, y_direct, yd, base + y_at);
+    et::dots(xd.data, xd.outer, n, ae, r, in, s.scaling() / s.rn(), h);
+    et::combine(yo.data, yo.outer, n, h, bt, r, out);
+    if (!y_direct) add_rows(y, yo.data);
+    return;
+  }
   // h = x · (A ⊙ E)ᵀ, with scaling / rn folded into it (one factor instead of two roundings).
   // Column-major (see "Thin results" above).
   const dense<T> h{base + h_at, n, r, n, false};
@@ -416,12 +471,15 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   const bool x_direct = as_dense(x, xd), dy_direct = as_dense(dy, dyd),
              b_direct = as_dense(matrix_view<const T>(p.B), bd),
              dx_direct = !want_dx || as_dense(dx, dxd);
+  const bool thin = thin_adapter<T>(
+      r, {{x_direct, xd.row_major}, {dy_direct, dyd.row_major}, {dx_direct, !want_dx || dxd.row_major}});
   adapter_scratch lay;
   const std::size_t ae_at = lay.take(static_cast<std::size_t>(r * in));
   const std::size_t h_at = lay.take(static_cast<std::size_t>(n * r));
   const std::size_t dh_at = lay.take(static_cast<std::size_t>(n * r));
   const std::size_t dae_at = lay.take(static_cast<std::size_t>(r * in));
   const std::size_t gb_at = lay.take(static_cast<std::size_t>(out * r));
+  const std::size_t bt_at = thin ? lay.take(static_cast<std::size_t>(out * r)) : 0;
   const std::size_t x_at = x_direct ? 0 : lay.take(static_cast<std::size_t>(n * in));
   const std::size_t dy_at = dy_direct ? 0 : lay.take(static_cast<std::size_t>(n * out));
   const std::size_t b_at = b_direct ? 0 : lay.take(static_cast<std::size_t>(out * r));
@@ -435,6 +493,31 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   if (!b_direct) bd = pack<T>(matrix_view<const T>(p.B), base + b_at);
   const dense<const T> aed{ae, r, in, in, true};
   const T c = s.scaling() / s.rn();
+
+  if (thin) {
+    namespace et = eigen_thin;
+    T* h = base + h_at;
+    T* dh = base + dh_at;
+    T* gbt = base + gb_at;  // dBᵀ, r × out
+    T* dae = base + dae_at;
+    T* bt = base + bt_at;
+    transpose_into(bd, bt);
+    std::fill(gbt, gbt + r * out, T(0));
+    std::fill(dae, dae + r * in, T(0));
+    et::dots(xd.data, xd.outer, n, ae, r, in, c, h);     // c · h = c · x · (A ⊙ E)ᵀ
+    et::dots(dyd.data, dyd.outer, n, bt, r, out, c, dh);  // dh = c · dy · B
+    et::outer(dyd.data, dyd.outer, n, h, r, out, gbt);    // dBᵀ += (c · h)ᵀ · dy
+    et::outer(xd.data, xd.outer, n, dh, r, in, dae);      // d(A ⊙ E) = dhᵀ · x
+    for (index_t o = 0; o < out; ++o)
+      for (index_t j = 0; j < r; ++j) grads.B(o, j) += gbt[j * out + o];
+    add_scaled_rows(p, dae, grads);
+    if (want_dx) {  // dx += dh · (A ⊙ E)
+      const dense<T> dxo = output(dx, dx_direct, dxd, base + dx_at);
+      et::combine(dxo.data, dxo.outer, n, dh, ae, r, in);
+      if (!dx_direct) add_rows(dx, dxo.data);
+    }
+    return;
+  }
 
   // h = x · (A ⊙ E)ᵀ (the forward's intermediate, recomputed). The thin results h, dh and the
   // product for dB are column-major (see "Thin results" above).
@@ -454,19 +537,11 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   std::fill(dh.data, dh.data + n * r, T(0));
   gemm_add<T>(dh, c, dyd, bd);
 
-  // d(A ⊙ E) = dhᵀ · x; dA += d(A⊙E) ⊙ E (row i scaled by E_i), dE_i += Σ_j d(A⊙E)(i,j)·A(i,j).
+  // d(A ⊙ E) = dhᵀ · x
   T* dae = base + dae_at;
   std::fill(dae, dae + r * in, T(0));
   gemm_add<T>(dense<T>{dae, r, in, in > 0 ? in : 1, true}, T(1), dense<const T>(dh).transposed(), xd);
-  for (index_t i = 0; i < r; ++i) {
-    const T e = p.E[i];
-    T de = 0;
-    for (index_t j = 0; j < in; ++j) {
-      grads.A(i, j) += dae[i * in + j] * e;
-      de += dae[i * in + j] * p.A(i, j);
-    }
-    grads.E[i] += de;
-  }
+  add_scaled_rows(p, dae, grads);
 
   if (!want_dx) return;
   // dx += dh · (A ⊙ E)
