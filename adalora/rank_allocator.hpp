@@ -567,7 +567,6 @@ class rank_allocator {
     }
   }
 
-
   struct pass_context {
     rank_allocator* self;
     std::span<const adapter_tensors<T>> adapters;

@@ -180,6 +180,23 @@ void scaled_rows(const svd_adapter_ref<const T>& p, T* ae) noexcept {
   }
 }
 
+// From dae = d(A ⊙ E) (r × in, row-major): dA(i, j) += dae(i, j) · E_i and
+// dE_i += Σ_j dae(i, j) · A(i, j), sequential in j.
+template <class T>
+void add_scaled_rows(const svd_adapter_ref<const T>& p, const T* dae,
+                     const svd_adapter_ref<T>& grads) noexcept {
+  const index_t r = p.rank(), in = p.in_features();
+  for (index_t i = 0; i < r; ++i) {
+    const T e = p.E[i];
+    T de = 0;
+    for (index_t j = 0; j < in; ++j) {
+      grads.A(i, j) += dae[i * in + j] * e;
+      de += dae[i * in + j] * p.A(i, j);
+    }
+    grads.E[i] += de;
+  }
+}
+
 // h(k, i) = Σ_j x(k, j) · ae(i, j), sequential in j (how the reference BLAS summed).
 template <class T>
 void project_down(const matrix_view<const T>& x, const T* ae, index_t r, T* h) noexcept {
@@ -281,15 +298,7 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
       const T g = dh[k * r + i];
       for (index_t j = 0; j < in; ++j) acc[i * in + j] += g * x(k, j);
     }
-  for (index_t i = 0; i < r; ++i) {
-    const T e = p.E[i];
-    T de = 0;
-    for (index_t j = 0; j < in; ++j) {
-      grads.A(i, j) += acc[i * in + j] * e;
-      de += acc[i * in + j] * p.A(i, j);
-    }
-    grads.E[i] += de;
-  }
+  add_scaled_rows(p, acc, grads);
 
   if (!want_dx) return;
   // dx(k, j) += Σ_i dh(k, i) · ae(i, j).

@@ -324,14 +324,6 @@ struct adapter_scratch {
   }
 };
 
-template <class T>
-void scaled_rows(const svd_adapter_ref<const T>& p, T* ae) noexcept {
-  const index_t r = p.rank(), in = p.in_features();
-  for (index_t i = 0; i < r; ++i) {
-    const T e = p.E[i];
-    for (index_t j = 0; j < in; ++j) ae[i * in + j] = p.A(i, j) * e;
-  }
-}
 
 /// out(i, j) += t[i][j] for a view without a unit stride (t row-major).
 template <class T>
@@ -341,21 +333,13 @@ void add_rows(const matrix_view<T>& out, const T* t) noexcept {
     for (index_t j = 0; j < c; ++j) out(i, j) += t[i * c + j];
 }
 
-/// From dae = d(A ⊙ E) (r × in, row-major): dA += dae ⊙ E (row i scaled by E_i) and
-/// dE_i += Σ_j dae(i, j) · A(i, j).
+/// b(o, j) += t[j · b.rows() + o]: a dBᵀ (r × out, row-major) or dB (out × r, column-major)
+/// formed in scratch, added into the gradient view.
 template <class T>
-void add_scaled_rows(const svd_adapter_ref<const T>& p, const T* dae,
-                     const svd_adapter_ref<T>& grads) noexcept {
-  const index_t r = p.rank(), in = p.in_features();
-  for (index_t i = 0; i < r; ++i) {
-    const T e = p.E[i];
-    T de = 0;
-    for (index_t j = 0; j < in; ++j) {
-      grads.A(i, j) += dae[i * in + j] * e;
-      de += dae[i * in + j] * p.A(i, j);
-    }
-    grads.E[i] += de;
-  }
+void add_transposed(const matrix_view<T>& b, const T* t) noexcept {
+  const index_t out = b.rows(), r = b.cols();
+  for (index_t o = 0; o < out; ++o)
+    for (index_t j = 0; j < r; ++j) b(o, j) += t[j * out + o];
 }
 
 /// The dense form of an output view, or a zeroed scratch block to be added afterwards.
@@ -421,7 +405,7 @@ void forward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   T* base = ws.scratch(lay.total);
 
   T* ae = base + ae_at;
-  scaled_rows(p, ae);
+  detail::svd::scaled_rows(p, ae);
   if (!x_direct) xd = pack<T>(x, base + x_at);
   if (!b_direct) bd = pack<T>(matrix_view<const T>(p.B), base + b_at);
   if (thin) {  // h = c · x · (A ⊙ E)ᵀ, y += h · Bᵀ
@@ -487,7 +471,7 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   T* base = ws.scratch(lay.total);
 
   T* ae = base + ae_at;
-  scaled_rows(p, ae);
+  detail::svd::scaled_rows(p, ae);
   if (!x_direct) xd = pack<T>(x, base + x_at);
   if (!dy_direct) dyd = pack<T>(dy, base + dy_at);
   if (!b_direct) bd = pack<T>(matrix_view<const T>(p.B), base + b_at);
@@ -508,9 +492,8 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
     et::dots(dyd.data, dyd.outer, n, bt, r, out, c, dh);  // dh = c · dy · B
     et::outer(dyd.data, dyd.outer, n, h, r, out, gbt);    // dBᵀ += (c · h)ᵀ · dy
     et::outer(xd.data, xd.outer, n, dh, r, in, dae);      // d(A ⊙ E) = dhᵀ · x
-    for (index_t o = 0; o < out; ++o)
-      for (index_t j = 0; j < r; ++j) grads.B(o, j) += gbt[j * out + o];
-    add_scaled_rows(p, dae, grads);
+    add_transposed(grads.B, gbt);
+    detail::svd::add_scaled_rows(p, dae, grads);
     if (want_dx) {  // dx += dh · (A ⊙ E)
       const dense<T> dxo = output(dx, dx_direct, dxd, base + dx_at);
       et::combine(dxo.data, dxo.outer, n, dh, ae, r, in);
@@ -529,8 +512,7 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   const dense<T> gb{base + gb_at, out, r, out, false};
   std::fill(gb.data, gb.data + out * r, T(0));
   gemm_add<T>(gb, c, dyd.transposed(), h);
-  for (index_t o = 0; o < out; ++o)
-    for (index_t j = 0; j < r; ++j) grads.B(o, j) += gb.data[o + j * out];
+  add_transposed(grads.B, gb.data);
 
   // dh = c · dy · B
   const dense<T> dh{base + dh_at, n, r, n, false};
@@ -541,7 +523,7 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   T* dae = base + dae_at;
   std::fill(dae, dae + r * in, T(0));
   gemm_add<T>(dense<T>{dae, r, in, in > 0 ? in : 1, true}, T(1), dense<const T>(dh).transposed(), xd);
-  add_scaled_rows(p, dae, grads);
+  detail::svd::add_scaled_rows(p, dae, grads);
 
   if (!want_dx) return;
   // dx += dh · (A ⊙ E)
