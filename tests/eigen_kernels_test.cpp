@@ -387,6 +387,15 @@ TEMPLATE_TEST_CASE("eigen_adapter_forward/backward agree with the portable adapt
   check_adapter<TestType>(300, 260, 6, 150, kind::no_unit_stride, kind::col_major, kind::padded);
   check_adapter<TestType>(300, 260, 12, 150, kind::col_major, kind::row_major, kind::col_major);
   check_adapter<TestType>(70, 90, 66, 40, kind::row_major, kind::padded, kind::row_major);
+  // The small-rank backward in blocks of rows: several blocks and a short last one (2 rows past
+  // the last 4-row register block).
+  constexpr index_t wide_in = 1500, wide_out = 1100, rows = 70;
+  const index_t block = adalora::detail::eigen_thin::row_block<TestType>(wide_in + wide_out);
+  REQUIRE(block < rows);
+  REQUIRE(rows % block % 4 == 2);
+  for (index_t r : {6, 13})
+    check_adapter<TestType>(wide_in, wide_out, r, rows, kind::row_major, kind::row_major,
+                            r == 6 ? kind::row_major : kind::padded);
 }
 
 TEMPLATE_TEST_CASE("eigen adapter: rank 0, an empty batch and single rows", "[eigen_kernels][adapter]",
