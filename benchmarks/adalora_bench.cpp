@@ -11,6 +11,7 @@
 
 #include <Eigen/Core>
 
+#include <chrono>
 #include <cstdint>
 #include <random>
 #include <span>
@@ -165,43 +166,36 @@ void BM_orthogonality(benchmark::State& state, std::int64_t shape, gram kernel) 
 
 // ---- adapter forward / backward ----------------------------------------------------------------
 
-/// One adapted weight with a batch of activations: full rank r, or resized to r/2 (every other
-/// triplet kept, r_init unchanged, as after pruning and resize_adapter).
-struct adapter_fixture {
-  adalora::svd_adapter<float> adapter;
-  std::vector<float> x, dy, y, dx;
-  index_t n;
+/// An adapted weight at full rank r, or resized to r/2 (every other triplet kept, r_init
+/// unchanged, as after pruning and resize_adapter).
+adalora::svd_adapter<float> make_adapter(index_t in, index_t out, index_t r, bool half) {
+  adalora::svd_adapter<float> full(in, out, r, 16.0);
+  std::mt19937_64 rng(1);
+  full.initialize(rng);
+  if (!half) return full;
+  std::vector<bool> keep(static_cast<std::size_t>(r));
+  for (index_t i = 0; i < r; ++i) keep[static_cast<std::size_t>(i)] = i % 2 == 0;
+  return full.resized(keep);
+}
 
-  adapter_fixture(index_t in, index_t out, index_t r, index_t batch, bool half)
-      : adapter(make(in, out, r, half)), n(batch) {
-    x.resize(static_cast<std::size_t>(batch * in));
-    dy.resize(static_cast<std::size_t>(batch * out));
+/// A batch of n rows through an in → out adapter: inputs x and dy, outputs y and dx.
+struct batch_tensors {
+  index_t n, in, out;
+  std::vector<float> x, dy, y, dx;
+
+  batch_tensors(index_t batch, index_t in_features, index_t out_features)
+      : n(batch), in(in_features), out(out_features) {
+    x.resize(static_cast<std::size_t>(n * in));
+    dy.resize(static_cast<std::size_t>(n * out));
     y.assign(dy.size(), 0.0f);
     dx.assign(x.size(), 0.0f);
     ab::fill_uniform(x.data(), x.size(), 3, 1.0);
     ab::fill_uniform(dy.data(), dy.size(), 4, 1e-3);
   }
-  static adalora::svd_adapter<float> make(index_t in, index_t out, index_t r, bool half) {
-    adalora::svd_adapter<float> full(in, out, r, 16.0);
-    std::mt19937_64 rng(1);
-    full.initialize(rng);
-    if (!half) return full;
-    std::vector<bool> keep(static_cast<std::size_t>(r));
-    for (index_t i = 0; i < r; ++i) keep[static_cast<std::size_t>(i)] = i % 2 == 0;
-    return full.resized(keep);
-  }
-  adalora::matrix_view<const float> xv() const {
-    return {x.data(), n, adapter.in_features(), adapter.in_features(), 1};
-  }
-  adalora::matrix_view<const float> dyv() const {
-    return {dy.data(), n, adapter.out_features(), adapter.out_features(), 1};
-  }
-  adalora::matrix_view<float> yv() {
-    return {y.data(), n, adapter.out_features(), adapter.out_features(), 1};
-  }
-  adalora::matrix_view<float> dxv() {
-    return {dx.data(), n, adapter.in_features(), adapter.in_features(), 1};
-  }
+  adalora::matrix_view<const float> xv() const { return {x.data(), n, in, in, 1}; }
+  adalora::matrix_view<const float> dyv() const { return {dy.data(), n, out, out, 1}; }
+  adalora::matrix_view<float> yv() { return {y.data(), n, out, out, 1}; }
+  adalora::matrix_view<float> dxv() { return {dx.data(), n, in, in, 1}; }
 };
 
 struct adapter_config {
@@ -212,31 +206,73 @@ struct adapter_config {
 constexpr adapter_config adapter_configs[] = {{"llama_q_r64", 4096, 4096, 64, 256},
                                               {"deberta_q_r12", 768, 768, 12, 512}};
 
-void BM_adapter(benchmark::State& state, adapter_config c, bool eigen, bool backward, bool half) {
-  adapter_fixture f(c.in, c.out, c.r, c.batch, half);
-  adalora::adapter_workspace<float> ws;
-  const index_t r = f.adapter.rank();
-  ws.reserve(f.n, c.in, c.out, r);
-  auto grads = f.adapter.grads();
-  const auto params = std::as_const(f.adapter).params();
-  const auto& scale = f.adapter.scale();
-  const double seconds = ab::timed_loop(state, [&] {
-    if (!backward) {
-      if (eigen) adalora::eigen_adapter_forward<float>(params, scale, f.xv(), f.yv(), ws);
-      else adalora::adapter_forward<float>(params, scale, f.xv(), f.yv(), ws);
-    } else {
-      if (eigen)
-        adalora::eigen_adapter_backward<float>(params, scale, f.xv(), f.dyv(), grads, ws, f.dxv());
-      else adalora::adapter_backward<float>(params, scale, f.xv(), f.dyv(), grads, ws, f.dxv());
-    }
-    benchmark::ClobberMemory();
-  });
-  const double n = static_cast<double>(f.n), in = static_cast<double>(c.in),
+/// One forward (y += ...) or backward (grads += ..., dx += ...) of `adapter` on the batch.
+void adapter_pass(adalora::svd_adapter<float>& adapter, batch_tensors& b,
+                  adalora::adapter_workspace<float>& ws, bool eigen, bool backward) {
+  const auto params = std::as_const(adapter).params();
+  const auto& scale = adapter.scale();
+  if (!backward) {
+    if (eigen) adalora::eigen_adapter_forward<float>(params, scale, b.xv(), b.yv(), ws);
+    else adalora::adapter_forward<float>(params, scale, b.xv(), b.yv(), ws);
+  } else {
+    const auto grads = adapter.grads();
+    if (eigen)
+      adalora::eigen_adapter_backward<float>(params, scale, b.xv(), b.dyv(), grads, ws, b.dxv());
+    else adalora::adapter_backward<float>(params, scale, b.xv(), b.dyv(), grads, ws, b.dxv());
+  }
+  benchmark::ClobberMemory();
+}
+
+/// FLOPs of one pass at rank r. Forward: x·(A⊙E)ᵀ and h·Bᵀ; backward: h again, dB, dh,
+/// d(A⊙E) and dx.
+double adapter_flops(const adapter_config& c, index_t r, bool backward) {
+  const double n = static_cast<double>(c.batch), in = static_cast<double>(c.in),
                out = static_cast<double>(c.out), rr = static_cast<double>(r);
-  // forward: x·(A⊙E)ᵀ and h·Bᵀ; backward: h again, dB, dh, d(A⊙E), dx.
-  const double flops = backward ? 2 * n * rr * (3 * in + 2 * out) : 2 * n * rr * (in + out);
-  ab::set_flop_counters(state, flops, seconds, ab::gemm_rate<float>());
-  state.counters["rank"] = rr;
+  return backward ? 2 * n * rr * (3 * in + 2 * out) : 2 * n * rr * (in + out);
+}
+
+void BM_adapter(benchmark::State& state, adapter_config c, bool eigen, bool backward, bool half) {
+  batch_tensors batch(c.batch, c.in, c.out);
+  adalora::svd_adapter<float> adapter = make_adapter(c.in, c.out, c.r, half);
+  adalora::adapter_workspace<float> ws;
+  ws.reserve(c.batch, c.in, c.out, adapter.rank());
+  const double seconds =
+      ab::timed_loop(state, [&] { adapter_pass(adapter, batch, ws, eigen, backward); });
+  ab::set_flop_counters(state, adapter_flops(c, adapter.rank(), backward), seconds,
+                        ab::gemm_rate<float>());
+  state.counters["rank"] = static_cast<double>(adapter.rank());
+}
+
+/// The full- and the half-rank adapter in alternation on the same batch, each pass timed on its
+/// own: half_over_full = Σ half / Σ full over the same seconds. On a shared machine whose speed
+/// drifts, two separate benchmarks compare different moments (the DeBERTa forward's half/full
+/// ranged from 43% to 65% between consecutive processes); alternating call by call puts the same
+/// drift into both sums. Reported time: one full plus one half pass.
+void BM_adapter_pair(benchmark::State& state, adapter_config c, bool eigen, bool backward) {
+  batch_tensors batch(c.batch, c.in, c.out);
+  adalora::svd_adapter<float> full = make_adapter(c.in, c.out, c.r, false),
+                              half = make_adapter(c.in, c.out, c.r, true);
+  adalora::adapter_workspace<float> ws;
+  ws.reserve(c.batch, c.in, c.out, c.r);
+  using clock = std::chrono::steady_clock;
+  double full_s = 0, half_s = 0;
+  for (auto _ : state) {
+    const auto t0 = clock::now();
+    adapter_pass(full, batch, ws, eigen, backward);
+    const auto t1 = clock::now();
+    adapter_pass(half, batch, ws, eigen, backward);
+    const auto t2 = clock::now();
+    const double f = std::chrono::duration<double>(t1 - t0).count(),
+                 h = std::chrono::duration<double>(t2 - t1).count();
+    full_s += f;
+    half_s += h;
+    state.SetIterationTime(f + h);
+  }
+  const auto calls = static_cast<double>(state.iterations());
+  state.counters["full_ms"] = full_s / calls * 1e3;
+  state.counters["half_ms"] = half_s / calls * 1e3;
+  state.counters["half_over_full"] = half_s / full_s;
+  state.counters["full_FLOP/s"] = adapter_flops(c, c.r, backward) * calls / full_s;
 }
 
 /// What the adapter's forward/backward cannot avoid whatever the rank: its memory traffic on the
@@ -304,6 +340,16 @@ void register_all() {
                                    BM_adapter_io_floor, c, backward)
           ->UseManualTime()
           ->MinTime(0.2);
+  for (const adapter_config& c : adapter_configs)
+    for (bool backward : {false, true})
+      for (bool eigen : {false, true})
+        benchmark::RegisterBenchmark((std::string("adapter_pair/") +
+                                      (backward ? "backward/" : "forward/") + c.name +
+                                      (eigen ? "/eigen" : "/portable"))
+                                         .c_str(),
+                                     BM_adapter_pair, c, eigen, backward)
+            ->UseManualTime()
+            ->MinTime(0.4);
   for (const adapter_config& c : adapter_configs)
     for (bool backward : {false, true})
       for (bool eigen : {false, true})

@@ -21,8 +21,8 @@ Timing: per shape, both sides are sampled in --reps rounds (one repetition of ea
 benchmarks, then one call of each torch operation), and each figure is the median of its
 rounds, so that the shared machine's drift over minutes reaches both sides alike; a torch
 operation slower than 10 s per call is timed in two rounds only (LLaMA r=64 regularizer). The
-adapter benchmarks run last, their repetitions interleaved. The JSON rows hold, per shape,
-operation and thread count:
+adapter benchmarks run last, in --reps rounds of their own (one process each, the benchmarks in
+random order). The JSON rows hold, per shape, operation and thread count:
   ours_ms, torch_ms   medians;
   ratio               torch_ms / ours_ms (how many times faster adalora is);
   triad_fraction      adalora's bytes/s over the STREAM triad measured by the same binary in the
@@ -31,12 +31,15 @@ operation and thread count:
   gemm_fraction       (regularizer) its FLOP/s over Eigen's SGEMM rate measured likewise;
   roofline_ms         the time at the roofline (bytes at the triad rate; for the regularizer the
                       larger of that and its FLOPs at the SGEMM rate);
-The "adapter" list holds the adapter forward/backward at full and half rank (ours only), with
+The "adapter" list holds the adapter forward/backward at full and half rank (ours only, the
+binary's adapter_pair benchmarks: both adapters in alternation, each pass timed), with
+  full_rank_ms, half_rank_ms     medians over the rounds of the mean time per pass;
+  half_over_full      the median over the rounds of each round's half / full (their sums over the
+                      same seconds), and half_over_full_min / _max, its range over the rounds;
+  gemm_fraction       the full-rank pass's FLOP/s over Eigen's SGEMM rate;
   io_floor_ms         the memory traffic on the batch tensors that no rank changes (forward: read
                       x, read and write y; backward: read x and dy, read and write dx), measured
-                      as the same traffic with one add per element;
-  best_half_over_full (io_floor + (full − io_floor) / 2) / full: the half/full ratio if everything
-                      but that traffic halved exactly with the rank.
+                      as the same traffic with one add per element.
 
 The PyTorch idioms below are written from the description in SPEC sections 4-8, not copied.
 """
@@ -183,9 +186,9 @@ def time_torch(fn, reps, warm_up=True):
 
 def run_binary(binary, reps, filt, interleave=False):
     """Runs the binary; its console lines go to stderr as they come (progress), the JSON to a
-    temporary file. With interleave, the repetitions of the selected benchmarks run in random
-    order, so that a burst of load on this shared machine spreads over all of them instead of
-    skewing one (the adapter's half/full ratios compare two benchmarks)."""
+    temporary file. With interleave, the selected benchmarks (and their repetitions) run in
+    random order, so that a burst of load on this shared machine spreads over all of them instead
+    of always skewing the same one."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ours.json")
         cmd = [binary, f"--benchmark_out={out}", "--benchmark_out_format=json",
@@ -218,7 +221,7 @@ def main():
                     help="the adalora benchmark binary, built with --config=opt (compare.sh "
                          "passes it)")
     ap.add_argument("--reps", type=int, default=5,
-                    help="rounds per shape (and adapter repetitions); figures are their medians")
+                    help="rounds per shape and of the adapter benchmarks; figures are their medians")
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--json", help="write the table as JSON here")
@@ -227,6 +230,9 @@ def main():
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {', '.join(unknown)}; the shapes are {', '.join(SHAPES)}")
 
     # Both sides are sampled in rounds, per shape: one repetition of each of our benchmarks of
     # the shape, then one call of each torch operation, --reps times; each figure is the median
@@ -258,16 +264,24 @@ def main():
                 torch_samples.setdefault(key, []).append(
                     time_torch(reg.value_and_gradient, 1, warm_up=rnd == 0))
         del idiom, reg
-    # The adapter benchmarks (ours only, small fixtures): their repetitions interleaved.
-    context, adapters = run_binary(args.binary, args.reps, "adapter_", interleave=True)
-    contexts.append(context)
+    # The adapter benchmarks (ours only, small fixtures), in rounds of their own, one process each:
+    # adapter_pair runs the full- and the half-rank adapter in alternation and reports both times
+    # and their ratio over the same seconds; the memory-traffic floors beside them. Separate
+    # full- and half-rank benchmarks compared different moments of a drifting machine: the same
+    # binary's DeBERTa forward gave half/full from 43% to 65% in consecutive processes.
+    adapter_samples = {}
+    for rnd in range(rounds):
+        print(f"round {rnd + 1}/{rounds}: adapters", file=sys.stderr, flush=True)
+        context, adapters = run_binary(args.binary, 1, "adapter_(pair|io_floor)/", interleave=True)
+        contexts.append(context)
+        for key, v in adapters.items():
+            adapter_samples.setdefault(key, []).append(v)
 
     def median_of(samples):
         """The median sample (by time) of a list of Google Benchmark results."""
         return sorted(samples, key=lambda b: b["ms"])[len(samples) // 2]
 
     ours = {key: median_of(v) for key, v in ours_samples.items()}
-    ours.update(adapters)
     torch_ms_of = {key: statistics.median(v) for key, v in torch_samples.items()}
     triad = {t: statistics.median(float(c[f"triad_{t}thread{'s' if t > 1 else ''}_GBps"])
                                   for c in contexts) * 1e9 for t in (1, 2)}
@@ -311,20 +325,20 @@ def main():
 
     # Adapter forward/backward: ours only; the half-rank cost relative to full rank.
     adapter_rows = []
-    for key, v in sorted(ours.items()):
-        if not key.startswith("adapter_") or not key.endswith("/full_rank"):
+    for key, samples in sorted(adapter_samples.items()):
+        if not key.startswith("adapter_pair/"):
             continue
-        half = ours.get(key.replace("/full_rank", "/half_rank"))
-        op, shape, impl, _ = key.split("/")
-        io = ours.get(f"adapter_io_floor/{op.split('_')[1]}/{shape}")
-        io_ms = min(io["ms"], v["ms"]) if io else None
+        _, op, shape, impl = key.split("/")
+        io = adapter_samples.get(f"adapter_io_floor/{op}/{shape}")
+        ratios = sorted(b["half_over_full"] for b in samples)
         adapter_rows.append({
-            "shape": shape, "operation": f"{op}_{impl}", "threads": 1,
-            "full_rank_ms": v["ms"], "half_rank_ms": half["ms"] if half else None,
-            "half_over_full": half["ms"] / v["ms"] if half else None,
-            "gemm_fraction": v["FLOP/s"] / sgemm,
-            "io_floor_ms": io["ms"] if io else None,
-            "best_half_over_full": (io_ms + (v["ms"] - io_ms) / 2) / v["ms"] if io else None,
+            "shape": shape, "operation": f"adapter_{op}_{impl}", "threads": 1,
+            "full_rank_ms": statistics.median(b["full_ms"] for b in samples),
+            "half_rank_ms": statistics.median(b["half_ms"] for b in samples),
+            "half_over_full": statistics.median(ratios),
+            "half_over_full_min": ratios[0], "half_over_full_max": ratios[-1],
+            "gemm_fraction": statistics.median(b["full_FLOP/s"] for b in samples) / sgemm,
+            "io_floor_ms": statistics.median(b["ms"] for b in io) if io else None,
         })
 
     machine = {
@@ -370,15 +384,16 @@ def print_table(machine, rows, adapter_rows):
           "the SGEMM rate)")
     print()
     print(f"{'adapter':<14} {'operation':<28} {'full ms':>9} {'half ms':>9} {'half/full':>9} "
-          f"{'gemm':>6} {'io ms':>7} {'best':>5}")
+          f"{'range':>9} {'gemm':>6} {'io ms':>7}")
     for r in adapter_rows:
+        spread = (f"{r['half_over_full_min'] * 100:.0f}-{r['half_over_full_max'] * 100:.0f}%"
+                  if r['half_over_full'] is not None else "-")
         print(f"{r['shape']:<14} {r['operation']:<28} {r['full_rank_ms']:>9.2f} "
               f"{fmt(r['half_rank_ms'], '>9.2f')} {fmt(r['half_over_full'], '>8.0f', 100, '%')} "
-              f"{fmt(r['gemm_fraction'], '>5.0f', 100, '%')} {fmt(r['io_floor_ms'], '>7.2f')} "
-              f"{fmt(r['best_half_over_full'], '>4.0f', 100, '%')}")
+              f"{spread:>9} {fmt(r['gemm_fraction'], '>5.0f', 100, '%')} {fmt(r['io_floor_ms'], '>7.2f')}")
     print()
-    print("io = the batch tensors' memory traffic, which no rank changes; best = (io + (full - io) / 2)"
-          " / full,\nthe half/full ratio if everything else halved exactly with the rank")
+    print("half/full = the median over the rounds of each round's half / full, range = their lowest "
+          "and highest;\nio = the batch tensors' memory traffic, which no rank changes")
 
 
 if __name__ == "__main__":
