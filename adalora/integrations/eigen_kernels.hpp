@@ -373,7 +373,7 @@ bool thin_adapter(index_t r, std::initializer_list<std::pair<bool, bool>> direct
 // register blocks of 24 rows by 4 columns (AVX, float); a row-major n × r result is computed as
 // its transpose, which puts r in the 24-row dimension, mostly empty at small r. Column-major puts
 // n there: at the DeBERTa query shape (768 × 768, 512 rows, r = 12) the GEMM backward went from
-// ~1.3 to ~1.0 ms (the thin kernels, which now take that shape, ~0.95 ms; ~0.55 ms at r = 6
+// ~1.3 to ~1.0 ms (the thin kernels, which now take that shape, ~0.85 ms; ~0.5 ms at r = 6
 // against the GEMM's ~0.8).
 
 template <class T>
