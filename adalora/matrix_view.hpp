@@ -160,4 +160,17 @@ vector_view<T> make_vector_view(T* data, index_t size, index_t stride = 1) {
   return vector_view<T>(data, size, stride);
 }
 
+namespace detail {
+
+/// True when consecutive elements of a row of `m` are closer in memory than consecutive rows, so
+/// kernels walk rows (dot products) rather than columns (rank-1 updates).
+template <class T>
+constexpr bool rows_are_contiguous(const matrix_view<T>& m) noexcept {
+  const index_t cs = m.col_stride() < 0 ? -m.col_stride() : m.col_stride();
+  const index_t rs = m.row_stride() < 0 ? -m.row_stride() : m.row_stride();
+  return cs <= rs;
+}
+
+}  // namespace detail
+
 }  // namespace adalora

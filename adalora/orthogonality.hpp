@@ -91,15 +91,6 @@ T finish_reference_mean(T sum, std::size_t count, double weight,
   return association == orthogonality_association::loralib ? (w * sum) / n : w * (sum / n);
 }
 
-/// True when consecutive elements of a row of `m` are closer in memory than consecutive rows, so
-/// the kernels walk rows (dot products) rather than columns (rank-1 updates).
-template <class T>
-constexpr bool rows_are_contiguous(const matrix_view<T>& m) noexcept {
-  const index_t cs = m.col_stride() < 0 ? -m.col_stride() : m.col_stride();
-  const index_t rs = m.row_stride() < 0 ? -m.row_stride() : m.row_stride();
-  return cs <= rs;
-}
-
 /// The finish every Gram kernel shares, on the r × r Gram C = M·Mᵀ of which the upper triangle
 /// is filled: D = C − I in place, the lower triangle mirrored (the contract asks for all r²
 /// entries), and ||D||_F² formed from the upper triangle in a fixed order.

@@ -1,6 +1,7 @@
 #pragma once
 // The adapter's products at small rank (r <= thin_rank_limit), register-blocked on Eigen's
-// packet math (AVX, SSE, NEON, ... with FMA where the target has it), for eigen_kernels.hpp.
+// packet math (AVX, SSE, NEON, ... with FMA where the target has it), for
+// eigen_adapter_kernels.hpp.
 //
 // Why not Eigen's GEMM there: every product of the adapter is thin (one of its dimensions is r),
 // and Eigen's GEMM packs the large operand (x or dy: n × 768 at the DeBERTa shape) into its own
