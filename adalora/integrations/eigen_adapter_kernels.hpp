@@ -117,26 +117,21 @@ void forward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   detail::svd::scaled_rows(p, ae);
   if (!x_direct) xd = pack<T>(x, base + x_at);
   if (!b_direct) bd = pack<T>(matrix_view<const T>(p.B), base + b_at);
+  // scaling / rn folded into h: one factor instead of two roundings.
+  const T c = s.scaling() / s.rn();
+  const dense<T> yo = output(y, y_direct, yd, base + y_at);
   if (thin) {  // h = c · x · (A ⊙ E)ᵀ, y += h · Bᵀ
-    namespace et = eigen_thin;
     T* h = base + h_at;
     T* bt = base + bt_at;
     transpose_into(bd, bt);
-    const dense<T> yo = output(y, y_direct, yd, base + y_at);
-    et::dots(xd.data, xd.outer, n, ae, r, in, s.scaling() / s.rn(), h);
-    et::combine(yo.data, yo.outer, n, h, bt, r, out);
-    if (!y_direct) add_rows(y, yo.data);
-    return;
+    eigen_thin::dots(xd.data, xd.outer, n, ae, r, in, c, h);
+    eigen_thin::combine(yo.data, yo.outer, n, h, bt, r, out);
+  } else {  // the same on Eigen's GEMM, h column-major (see "Thin results" above)
+    const dense<T> h{base + h_at, n, r, n, false};
+    std::fill(h.data, h.data + n * r, T(0));
+    gemm_add<T>(h, c, xd, dense<const T>{ae, r, in, in, true}.transposed());
+    gemm_add<T>(yo, T(1), h, bd.transposed());
   }
-  // h = x · (A ⊙ E)ᵀ, with scaling / rn folded into it (one factor instead of two roundings).
-  // Column-major (see "Thin results" above).
-  const dense<T> h{base + h_at, n, r, n, false};
-  std::fill(h.data, h.data + n * r, T(0));
-  const T c = s.scaling() / s.rn();
-  gemm_add<T>(h, c, xd, dense<const T>{ae, r, in, in, true}.transposed());
-  // y += h · Bᵀ
-  const dense<T> yo = output(y, y_direct, yd, base + y_at);
-  gemm_add<T>(yo, T(1), h, bd.transposed());
   if (!y_direct) add_rows(y, yo.data);
 }
 
@@ -187,17 +182,20 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
   const dense<const T> aed{ae, r, in, in, true};
   const T c = s.scaling() / s.rn();
 
+  // dBᵀ (r × out, row-major; on the GEMM path dB, out × r, column-major: the same memory order)
+  // and d(A ⊙ E) (r × in) are formed in scratch and added into grads at the end.
+  T* gb = base + gb_at;
+  T* dae = base + dae_at;
+  std::fill(gb, gb + r * out, T(0));
+  std::fill(dae, dae + r * in, T(0));
+  const dense<T> dxo = want_dx ? output(dx, dx_direct, dxd, base + dx_at) : dense<T>{};
+
   if (thin) {
     namespace et = eigen_thin;
-    T* h = base + h_at;    // c · h and dh of the current block of rows
+    T* h = base + h_at;  // c · h and dh of the current block of rows
     T* dh = base + dh_at;
-    T* gbt = base + gb_at;  // dBᵀ, r × out
-    T* dae = base + dae_at;
     T* bt = base + bt_at;
     transpose_into(bd, bt);
-    std::fill(gbt, gbt + r * out, T(0));
-    std::fill(dae, dae + r * in, T(0));
-    const dense<T> dxo = want_dx ? output(dx, dx_direct, dxd, base + dx_at) : dense<T>{};
     // Block by block of rows, so that each row of x and dy comes from memory once, for the dot
     // products, and from cache for the outer products (run over the whole batch, each product
     // read x and dy from memory again: at the DeBERTa shape ~10% of the backward, more of it at
@@ -209,45 +207,32 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
       const T* dyb = dyd.data + i0 * dyd.outer;
       et::dots(xb, xd.outer, m, ae, r, in, c, h);      // c · h = c · x · (A ⊙ E)ᵀ
       et::dots(dyb, dyd.outer, m, bt, r, out, c, dh);  // dh = c · dy · B
-      et::outer(dyb, dyd.outer, m, h, r, out, gbt);    // dBᵀ += (c · h)ᵀ · dy
+      et::outer(dyb, dyd.outer, m, h, r, out, gb);     // dBᵀ += (c · h)ᵀ · dy
       et::outer(xb, xd.outer, m, dh, r, in, dae);      // d(A ⊙ E) += dhᵀ · x
       if (want_dx)  // dx += dh · (A ⊙ E)
         et::combine(dxo.data + i0 * dxo.outer, dxo.outer, m, dh, ae, r, in);
     }
-    add_transposed(grads.B, gbt);
-    detail::svd::add_scaled_rows(p, dae, grads);
-    if (want_dx && !dx_direct) add_rows(dx, dxo.data);
-    return;
+  } else {
+    // The same on Eigen's GEMM, the thin results column-major (see "Thin results" above).
+    // h = x · (A ⊙ E)ᵀ (the forward's intermediate, recomputed)
+    const dense<T> h{base + h_at, n, r, n, false};
+    std::fill(h.data, h.data + n * r, T(0));
+    gemm_add<T>(h, T(1), xd, aed.transposed());
+    // dB = c · dyᵀ · h
+    gemm_add<T>(dense<T>{gb, out, r, out, false}, c, dyd.transposed(), h);
+    // dh = c · dy · B
+    const dense<T> dh{base + dh_at, n, r, n, false};
+    std::fill(dh.data, dh.data + n * r, T(0));
+    gemm_add<T>(dh, c, dyd, bd);
+    // d(A ⊙ E) = dhᵀ · x
+    gemm_add<T>(dense<T>{dae, r, in, in > 0 ? in : 1, true}, T(1), dense<const T>(dh).transposed(),
+                xd);
+    // dx += dh · (A ⊙ E)
+    if (want_dx) gemm_add<T>(dxo, T(1), dh, aed);
   }
-
-  // h = x · (A ⊙ E)ᵀ (the forward's intermediate, recomputed). The thin results h, dh and the
-  // product for dB are column-major (see "Thin results" above).
-  const dense<T> h{base + h_at, n, r, n, false};
-  std::fill(h.data, h.data + n * r, T(0));
-  gemm_add<T>(h, T(1), xd, aed.transposed());
-
-  // dB += c · dyᵀ · h
-  const dense<T> gb{base + gb_at, out, r, out, false};
-  std::fill(gb.data, gb.data + out * r, T(0));
-  gemm_add<T>(gb, c, dyd.transposed(), h);
-  add_transposed(grads.B, gb.data);
-
-  // dh = c · dy · B
-  const dense<T> dh{base + dh_at, n, r, n, false};
-  std::fill(dh.data, dh.data + n * r, T(0));
-  gemm_add<T>(dh, c, dyd, bd);
-
-  // d(A ⊙ E) = dhᵀ · x
-  T* dae = base + dae_at;
-  std::fill(dae, dae + r * in, T(0));
-  gemm_add<T>(dense<T>{dae, r, in, in > 0 ? in : 1, true}, T(1), dense<const T>(dh).transposed(), xd);
+  add_transposed(grads.B, gb);
   detail::svd::add_scaled_rows(p, dae, grads);
-
-  if (!want_dx) return;
-  // dx += dh · (A ⊙ E)
-  const dense<T> dxo = output(dx, dx_direct, dxd, base + dx_at);
-  gemm_add<T>(dxo, T(1), dh, aed);
-  if (!dx_direct) add_rows(dx, dxo.data);
+  if (want_dx && !dx_direct) add_rows(dx, dxo.data);
 }
 
 }  // namespace detail::eigen_kernels
