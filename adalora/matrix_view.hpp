@@ -7,6 +7,7 @@
 // their memory (see backend.hpp). A view never allocates and never owns.
 
 #include <cstddef>
+#include <limits>
 #include <type_traits>
 
 #include "adalora/config.hpp"
@@ -128,14 +129,27 @@ vector_view(U*, index_t) -> vector_view<U>;
 
 enum class layout { row_major, col_major };
 
+namespace detail {
+
+/// Refuses extents that are negative or whose product (the element count) does not fit in
+/// index_t; checked by division, so that the check itself cannot overflow.
+inline void check_matrix_extents(const void* data, index_t rows, index_t cols) {
+  ADALORA_REQUIRE(rows >= 0 && cols >= 0, "make_matrix_view", "extents must be >= 0, got ",
+                  rows, " x ", cols);
+  ADALORA_REQUIRE(rows == 0 || cols <= std::numeric_limits<index_t>::max() / rows,
+                  "make_matrix_view", "a ", rows, " x ", cols,
+                  " matrix has more elements than index_t can count");
+  ADALORA_REQUIRE(data != nullptr || rows == 0 || cols == 0, "make_matrix_view",
+                  "data is null for a non-empty ", rows, " x ", cols, " matrix");
+}
+
+}  // namespace detail
+
 /// A checked view of a dense buffer of rows × cols elements.
 template <class T>
 matrix_view<T> make_matrix_view(T* data, index_t rows, index_t cols,
                                 layout order = layout::row_major) {
-  ADALORA_REQUIRE(rows >= 0 && cols >= 0, "make_matrix_view", "extents must be >= 0, got ",
-                  rows, " x ", cols);
-  ADALORA_REQUIRE(data != nullptr || rows * cols == 0, "make_matrix_view",
-                  "data is null for a non-empty ", rows, " x ", cols, " matrix");
+  detail::check_matrix_extents(data, rows, cols);
   return order == layout::row_major ? matrix_view<T>(data, rows, cols, cols, 1)
                                     : matrix_view<T>(data, rows, cols, 1, rows);
 }
@@ -144,10 +158,7 @@ matrix_view<T> make_matrix_view(T* data, index_t rows, index_t cols,
 template <class T>
 matrix_view<T> make_matrix_view(T* data, index_t rows, index_t cols, index_t row_stride,
                                 index_t col_stride) {
-  ADALORA_REQUIRE(rows >= 0 && cols >= 0, "make_matrix_view", "extents must be >= 0, got ",
-                  rows, " x ", cols);
-  ADALORA_REQUIRE(data != nullptr || rows * cols == 0, "make_matrix_view",
-                  "data is null for a non-empty ", rows, " x ", cols, " matrix");
+  detail::check_matrix_extents(data, rows, cols);
   return matrix_view<T>(data, rows, cols, row_stride, col_stride);
 }
 

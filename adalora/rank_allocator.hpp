@@ -134,7 +134,8 @@ struct step_result {
   bool forced = false;              ///< PEFT's force mask at T − tfinal
   mask_action action = mask_action::none;
   bool skipped = false;             ///< non_finite_policy::skip_step skipped this step
-  double threshold = 0;             ///< the k-th smallest triplet score (action == threshold)
+  double threshold = 0;             ///< the k-th smallest triplet score (action == threshold;
+                                    ///< +inf if that score is beyond double's range)
   std::int64_t k = 0;               ///< triplets asked to prune, initial budget − budget
   std::span<const index_t> kept;    ///< kept triplets per adapter under the current pattern
   index_t kept_total = 0;
@@ -162,6 +163,8 @@ struct step_result {
 /// Scores are ranked in double. Where the float score fits a float, it is first rounded to T
 /// exactly as the references round it (E + (mean A + mean B) in T), so f32 mask decisions follow
 /// torch's; only scores beyond T's range (which torch would turn into inf) keep their double.
+/// In double, a score or sum beyond double's range is +inf, as torch's float64 score is, and
+/// ranks above every finite score (the state stays finite; see smoothed_sensitivity).
 ///
 /// Guarantees: all memory is allocated at construction, so step() never allocates; adapters of
 /// any shapes and initial ranks (including rank 0); the caller's tensors are only viewed, and
@@ -195,6 +198,9 @@ class rank_allocator {
   using metric_type = Metric;
   using schedule_type = Schedule;
 
+  /// Throws std::invalid_argument for bad shapes, empty or repeated names, a schedule whose
+  /// initial budget is not the sum of the ranks, or options out of range (an enumerator value
+  /// it does not know, 0 threads); std::runtime_error if a worker thread cannot be started.
   rank_allocator(std::vector<adapter_shape> shapes, Schedule schedule, Metric metric = {},
                  allocator_options options = {}, Comm comm = {})
       : shapes_(std::move(shapes)),
@@ -204,8 +210,8 @@ class rank_allocator {
         comm_(std::move(comm)) {
     constexpr const char* where = "rank_allocator";
     ADALORA_REQUIRE(!shapes_.empty(), where, "needs at least one adapter, got none");
-    ADALORA_REQUIRE(options_.threads >= 1, where, "options.threads must be >= 1, got ",
-                    options_.threads);
+    validate_options(options_);
+    validate_names(shapes_);
     std::int64_t b0 = 0;
     std::size_t elements = 0, a_blocks = 0, b_blocks = 0;
     for (std::size_t a = 0; a < shapes_.size(); ++a) {
@@ -257,7 +263,7 @@ class rank_allocator {
     result_.kept = kept_;
     result_.kept_total = static_cast<index_t>(b0);
     plan_tasks();
-    if (options_.threads > 1) pool_ = std::make_unique<detail::task_pool>(options_.threads);
+    if (options_.threads > 1) pool_ = std::make_unique<detail::task_pool>(options_.threads, where);
   }
 
   /// Runs one allocator step; see the class comment. Throws std::invalid_argument on a step
@@ -327,7 +333,7 @@ class rank_allocator {
     } else if (update) {
       r.non_finite = run_pass(adapters, pass::update);
       if (decision.mask) mask_to_budget(adapters, decision.budget);
-    } else if (decision.mask) {  // loralib, frozen importance
+    } else if (decision.mask && options_.semantics == final_phase::loralib) {  // frozen importance
       r.non_finite = run_pass(adapters, pass::frozen);
       mask_to_budget(adapters, decision.budget);
     }
@@ -458,6 +464,47 @@ class rank_allocator {
     index_t begin, end;
   };
 
+  /// Enumerators come from users' config files as integers: a value this allocator does not
+  /// know is refused here, so that no branch on them below ever sees one.
+  static void validate_options(const allocator_options& o) {
+    constexpr const char* where = "rank_allocator";
+    ADALORA_REQUIRE(o.semantics == final_phase::peft || o.semantics == final_phase::loralib, where,
+                    "options.semantics must be final_phase::peft or final_phase::loralib, got ",
+                    static_cast<int>(o.semantics));
+    ADALORA_REQUIRE(o.ties == tie_policy::prune_all_ties || o.ties == tie_policy::exact_budget,
+                    where, "options.ties must be tie_policy::prune_all_ties or "
+                    "tie_policy::exact_budget, got ", static_cast<int>(o.ties));
+    ADALORA_REQUIRE(o.non_finite == non_finite_policy::ignore_elements ||
+                        o.non_finite == non_finite_policy::skip_step ||
+                        o.non_finite == non_finite_policy::throw_error,
+                    where, "options.non_finite must be non_finite_policy::ignore_elements, "
+                    "skip_step or throw_error, got ", static_cast<int>(o.non_finite));
+    ADALORA_REQUIRE(o.threads >= 1, where, "options.threads must be >= 1, got ", o.threads);
+  }
+
+  /// Names key the rank pattern (PEFT's "<name>.lora_E"): an empty or repeated one would only be
+  /// refused by pattern(), after the training run.
+  static void validate_names(const std::vector<adapter_shape>& shapes) {
+    constexpr const char* where = "rank_allocator";
+    for (std::size_t a = 0; a < shapes.size(); ++a)
+      ADALORA_REQUIRE(!shapes[a].name.empty(), where, "adapter ", a,
+                      " has an empty name; names key the rank pattern and must be non-empty");
+    std::vector<std::size_t> by_name(shapes.size());
+    std::iota(by_name.begin(), by_name.end(), std::size_t{0});
+    // Stable: equal names stay in adapter order, so each name's first two are adjacent.
+    std::stable_sort(by_name.begin(), by_name.end(),
+                     [&](std::size_t x, std::size_t y) { return shapes[x].name < shapes[y].name; });
+    // Report the first repeat in adapter order: the pair whose later index is smallest.
+    std::size_t first = 0, second = shapes.size();
+    for (std::size_t i = 1; i < by_name.size(); ++i)
+      if (shapes[by_name[i]].name == shapes[by_name[i - 1]].name && by_name[i] < second)
+        first = by_name[i - 1], second = by_name[i];
+    if (second < shapes.size())
+      throw std::invalid_argument(detail::concat(
+          "adalora::", where, ": adapters ", first, " and ", second, " have the same name '",
+          shapes[second].name, "'; names key the rank pattern and must be unique"));
+  }
+
   static std::size_t blocks_of(index_t n) noexcept {
     return static_cast<std::size_t>(n / sum_block + (n % sum_block != 0 ? 1 : 0));
   }
@@ -560,10 +607,14 @@ class rank_allocator {
                       s.name, "'): B must be ", d.out, " x ", d.r, ", got ", p.B.rows(), " x ",
                       p.B.cols());
       check_same_shapes(p, adapters[a].grads, where);
-      ADALORA_REQUIRE(d.r == 0 || (p.A.data() && p.E.data() && p.B.data() &&
-                                      adapters[a].grads.A.data() && adapters[a].grads.E.data() &&
-                                      adapters[a].grads.B.data()),
-                      where, "adapter ", a, " ('", s.name, "'): a view has null data");
+      // An empty view may have null data (an empty std::vector's, or a shard that holds no
+      // columns of A); a non-empty one may not.
+      const auto& g = adapters[a].grads;
+      const bool data_ok = (p.A.data() || p.A.size() == 0) && (p.E.data() || p.E.size() == 0) &&
+                           (p.B.data() || p.B.size() == 0) && (g.A.data() || g.A.size() == 0) &&
+                           (g.E.data() || g.E.size() == 0) && (g.B.data() || g.B.size() == 0);
+      ADALORA_REQUIRE(data_ok, where, "adapter ", a, " ('", s.name,
+                      "'): a non-empty view has null data");
     }
   }
 
@@ -611,7 +662,7 @@ class rank_allocator {
                                                    st + (i * in + j0) * K_, n, scratch);
           bad += s.non_finite;
           if constexpr (Mode != pass::check) {
-            scores_ok &= s.valid && !detail::is_non_finite(s.sum);
+            scores_ok &= s.valid;  // a sum beyond double's range is +inf: ranked, not an error
             row[j0 / sum_block] = s.sum;
           }
         }
@@ -763,24 +814,31 @@ class rank_allocator {
       // torch.kthvalue would raise here (peft#2337); SPEC §6 lets a port define it this way.
       r.threshold = -std::numeric_limits<double>::infinity();
       std::fill(kept_mask_.begin(), kept_mask_.end(), std::uint8_t{1});
-    } else if (options_.ties == tie_policy::prune_all_ties) {
-      std::copy(scores_.begin(), scores_.end(), select_.begin());
-      std::nth_element(select_.begin(), select_.begin() + static_cast<std::ptrdiff_t>(k - 1),
-                       select_.end());
-      r.threshold = select_[k - 1];
-      for (std::size_t i = 0; i < n; ++i) kept_mask_[i] = scores_[i] > r.threshold ? 1 : 0;
     } else {
-      std::iota(order_.begin(), order_.end(), std::size_t{0});
-      // Pruning order: lower score first; among equal scores the later triplet first, so that
-      // adapter order then index decides deterministically which tied triplets stay.
-      auto prune_before = [this](std::size_t x, std::size_t y) {
-        return scores_[x] < scores_[y] || (scores_[x] == scores_[y] && x > y);
-      };
-      std::nth_element(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(k - 1),
-                       order_.end(), prune_before);
-      r.threshold = scores_[order_[k - 1]];
-      std::fill(kept_mask_.begin(), kept_mask_.end(), std::uint8_t{1});
-      for (std::size_t i = 0; i < k; ++i) kept_mask_[order_[i]] = 0;
+      // Every enumerator is handled (-Wswitch names a new one); the constructor refused others.
+      switch (options_.ties) {
+        case tie_policy::prune_all_ties:
+          std::copy(scores_.begin(), scores_.end(), select_.begin());
+          std::nth_element(select_.begin(), select_.begin() + static_cast<std::ptrdiff_t>(k - 1),
+                           select_.end());
+          r.threshold = select_[k - 1];
+          for (std::size_t i = 0; i < n; ++i) kept_mask_[i] = scores_[i] > r.threshold ? 1 : 0;
+          break;
+        case tie_policy::exact_budget: {
+          std::iota(order_.begin(), order_.end(), std::size_t{0});
+          // Pruning order: lower score first; among equal scores the later triplet first, so
+          // that adapter order then index decides deterministically which tied triplets stay.
+          auto prune_before = [this](std::size_t x, std::size_t y) {
+            return scores_[x] < scores_[y] || (scores_[x] == scores_[y] && x > y);
+          };
+          std::nth_element(order_.begin(), order_.begin() + static_cast<std::ptrdiff_t>(k - 1),
+                           order_.end(), prune_before);
+          r.threshold = scores_[order_[k - 1]];
+          std::fill(kept_mask_.begin(), kept_mask_.end(), std::uint8_t{1});
+          for (std::size_t i = 0; i < k; ++i) kept_mask_[order_[i]] = 0;
+          break;
+        }
+      }
     }
     apply_pattern(adapters);
   }

@@ -69,11 +69,15 @@ class rank_pattern {
     return n;
   }
 
+  /// Equal when both name the same adapters with the same flags, in any order: the order of
+  /// entries is presentation (PEFT writes adapter_config.json with sorted keys, so a pattern
+  /// read back lists "layers.10" before "layers.2", where the allocator lists them in model order).
   friend bool operator==(const rank_pattern& a, const rank_pattern& b) {
     if (a.entries_.size() != b.entries_.size()) return false;
-    for (std::size_t i = 0; i < a.entries_.size(); ++i)
-      if (a.entries_[i].name != b.entries_[i].name || a.entries_[i].kept != b.entries_[i].kept)
-        return false;
+    for (const entry& e : a.entries_) {
+      const entry* other = b.find(e.name);
+      if (other == nullptr || other->kept != e.kept) return false;
+    }
     return true;
   }
 

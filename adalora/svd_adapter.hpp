@@ -102,7 +102,8 @@ T apply_scale(T t, T scaling, T rn) noexcept {
 /// alpha = 0 PEFT's resize re-runs update_layer, which sets scaling to the KEPT rank while ranknum
 /// stays r_init, so its resized adapter differs from the masked one by kept / r_init; here
 /// scaling stays r_init, as PEFT's own comment there ("The scaling is exactly as the previous")
-/// intends.
+/// intends. adalora/io/peft_adapter.hpp translates between the two rules when it writes or
+/// reads PEFT's files (it writes lora_alpha = r_init in place of 0).
 /// Throws std::invalid_argument unless alpha is finite and >= 0 and r_init >= 0.
 template <class T>
 class adapter_scale {

@@ -2,23 +2,32 @@
 """Independent check of adalora's PEFT export, with Python and torch only (no adalora code).
 
 Usage: check_peft_export.py DIR
-DIR holds adapter_model.safetensors and adapter_config.json written by adalora, and
-reference.json (tests/peft_export_writer.cpp): per module the input x and the output of the
-full-rank MASKED adapter. Checks, as PEFT would see the files:
+DIR holds one folder per case (tests/peft_export_writer.cpp), each with
+adapter_model.safetensors and adapter_config.json written by adalora, and reference.json: the
+module names of the model the adapters belong to, and per adapted module the input x and the
+output of the full-rank MASKED adapter as adalora trained it. Checks, as PEFT would see the
+files, applying PEFT's own rules (its check_target_module_exists, AdaLoraLayer.update_layer,
+resize_modules_by_rank_pattern, set_peft_model_state_dict and SVDLinear.forward), modelled here:
   * the safetensors container: 8-byte little-endian header length, JSON header, data_offsets
     that tile the data buffer, dtypes and byte counts (parsed by hand with struct/json; the
     `safetensors` package is used as well when it is installed);
-  * keys: exactly base_model.model.<module>.lora_A / .lora_B / .lora_E per module;
-  * dtypes F32; shapes (kept, in), (out, kept), (kept, 1) with kept = sum(rank_pattern);
   * adapter_config.json: peft_type ADALORA and the AdaLoraConfig fields with the right types,
     rank_pattern {"<module>.lora_E": [bool] * init_r};
-  * PEFT's SVDLinear forward of the RESIZED adapter, ((x @ (A*E).T) @ B.T) * lora_alpha /
-    (ranknum + 1e-5) with ranknum = init_r (PEFT's load copies the old ranknum back), equals
-    the masked adapter's output.
+  * target_modules: PEFT wraps exactly the adapted modules of the model, none of the other
+    layers that share their names (a string is re.fullmatch'ed, a list matched by name or by
+    "." + name at the end of the path);
+  * loading: every wrapped module built at init_r (scaling = lora_alpha if > 0 else r,
+    ranknum = r), then resized to sum(pattern) by the same rule with r = the kept rank, the old
+    ranknum copied back when the kept rank is > 0; the file's keys then fill exactly the
+    wrapped modules' lora_A / lora_E / lora_B with matching shapes and dtype: no missing and no
+    unexpected key;
+  * the loaded module's forward ((x @ (A*E).T) @ B.T) * scaling / (ranknum + 1e-5) equals the
+    masked adapter's output, whatever lora_alpha adalora trained with (0 included).
 Exits non-zero with a message on the first failure.
 """
 import json
 import os
+import re
 import struct
 import sys
 
@@ -75,74 +84,117 @@ def read_safetensors(path):
     return tensors, metadata
 
 
-def main():
-    if len(sys.argv) != 2:
-        fail("usage: check_peft_export.py DIR")
-    directory = sys.argv[1]
+def check_config_fields(config):
+    check(config.get("peft_type") == "ADALORA", "peft_type %r" % config.get("peft_type"))
+    for field in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step"):
+        check(isinstance(config.get(field), int) and not isinstance(config[field], bool), "%s: %r" % (field, config.get(field)))
+    for field in ("beta1", "beta2", "orth_reg_weight", "lora_alpha"):
+        check(isinstance(config.get(field), (int, float)) and not isinstance(config[field], bool), "%s: %r" % (field, config.get(field)))
+    check(0 < config["beta1"] < 1 and 0 < config["beta2"] < 1, "betas")
+    check(config["total_step"] > 0 and config["tinit"] < config["total_step"] - config["tfinal"], "schedule fields")
+    check(isinstance(config.get("target_modules"), (list, str)), "target_modules %r" % config.get("target_modules"))
+    check(config.get("layers_to_transform") is None and config.get("layers_pattern") is None,
+          "layers_to_transform / layers_pattern must be null (PEFT refuses them with a string target_modules)")
+
+
+def peft_targets(target_modules, key):
+    """PEFT's check_target_module_exists, without layers_to_transform (null here)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    return key in target_modules or any(key.endswith("." + t) for t in target_modules)
+
+
+def check_case(directory):
+    case = os.path.basename(directory)
     tensors, metadata = read_safetensors(os.path.join(directory, "adapter_model.safetensors"))
-    check(metadata.get("format") == "pt", "__metadata__ %s lacks format=pt" % metadata)
+    check(metadata.get("format") == "pt", "%s: __metadata__ %s lacks format=pt" % (case, metadata))
     try:  # the reference reader, when present, must agree
         from safetensors.torch import load_file
         for name, t in load_file(os.path.join(directory, "adapter_model.safetensors")).items():
             check(torch.equal(t, tensors[name][1]), "safetensors package disagrees on " + name)
-        print("check_peft_export: the safetensors package reads the same tensors")
+        print("check_peft_export: %s: the safetensors package reads the same tensors" % case)
     except ImportError:
-        print("check_peft_export: safetensors package not installed; parsed by hand only")
+        pass
 
     with open(os.path.join(directory, "adapter_config.json")) as f:
         config = json.load(f)
     with open(os.path.join(directory, "reference.json")) as f:
         reference = json.load(f)
-
-    check(config.get("peft_type") == "ADALORA", "peft_type %r" % config.get("peft_type"))
-    for field in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step"):
-        check(isinstance(config.get(field), int) and not isinstance(config[field], bool), "%s: %r" % (field, config.get(field)))
-    for field in ("beta1", "beta2", "orth_reg_weight", "lora_alpha"):
-        check(isinstance(config.get(field), (int, float)), "%s: %r" % (field, config.get(field)))
-    check(0 < config["beta1"] < 1 and 0 < config["beta2"] < 1, "betas")
-    check(config["total_step"] > 0 and config["tinit"] < config["total_step"] - config["tfinal"], "schedule fields")
-    check(isinstance(config.get("target_modules"), list), "target_modules %r" % config.get("target_modules"))
+    check_config_fields(config)
     init_r = config["init_r"]
     alpha = config["lora_alpha"]
-    check(init_r == reference["init_r"] and alpha == reference["lora_alpha"], "init_r / lora_alpha differ from the reference")
+    check(init_r == reference["init_r"], "%s: init_r differs from the reference" % case)
     pattern = config.get("rank_pattern")
-    check(isinstance(pattern, dict), "rank_pattern %r" % pattern)
-
+    check(isinstance(pattern, dict), "%s: rank_pattern %r" % (case, pattern))
     modules = reference["modules"]
-    expected_keys = {PREFIX + m + s for m in modules for s in (".lora_A", ".lora_B", ".lora_E")}
-    check(set(tensors) == expected_keys, "keys differ: extra %s, missing %s" % (sorted(set(tensors) - expected_keys), sorted(expected_keys - set(tensors))))
-    check(set(pattern) == {m + ".lora_E" for m in modules}, "rank_pattern keys %s" % sorted(pattern))
-    for m in modules:
-        check(m.split(".")[-1] in config["target_modules"], "target_modules lacks %s" % m.split(".")[-1])
+    dtype = reference["dtype"]
+    torch_dtype = {"F32": torch.float32, "F64": torch.float64}[dtype]
 
+    # 1. Which modules PEFT wraps: "" is the root module, which named_modules() lists too.
+    wrapped = [key for key in [""] + reference["model_modules"] if peft_targets(config["target_modules"], key)]
+    check(sorted(wrapped) == sorted(modules),
+          "%s: PEFT would wrap %s, not exactly the adapted %s" % (case, sorted(wrapped), sorted(modules)))
+
+    # 2. PEFT builds each wrapped module at init_r, then resizes it by the rank pattern.
+    layers = {}
+    for key in wrapped:
+        layers[key] = {"r": init_r, "scaling": alpha if alpha > 0 else float(init_r), "ranknum": float(init_r)}
+    for name, flags in pattern.items():
+        check(name.endswith(".lora_E") and name[:-len(".lora_E")] in layers, "%s: rank_pattern key %s names no wrapped module" % (case, name))
+        check(isinstance(flags, list) and len(flags) == init_r and all(isinstance(b, bool) for b in flags), "%s: %s pattern %r" % (case, name, flags))
+        layer = layers[name[:-len(".lora_E")]]
+        rank = sum(flags)
+        old_ranknum = layer["ranknum"]
+        layer.update(r=rank, scaling=alpha if alpha > 0 else float(rank), ranknum=float(rank))
+        if rank > 0:
+            layer["ranknum"] = old_ranknum  # "The scaling is exactly as the previous"
+
+    # 3. set_peft_model_state_dict: the file's keys fill exactly the wrapped modules' parameters.
+    expected_keys = {PREFIX + m + s for m in layers for s in (".lora_A", ".lora_B", ".lora_E")}
+    check(set(tensors) == expected_keys, "%s: missing keys %s, unexpected keys %s" % (case, sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)))
+
+    # 4. The loaded modules compute what adalora's masked adapters did.
     worst = 0.0
     exact = 0
     total = 0
     for name, ref in modules.items():
-        flags = pattern[name + ".lora_E"]
-        check(isinstance(flags, list) and len(flags) == init_r and all(isinstance(b, bool) for b in flags), "%s.lora_E pattern %r" % (name, flags))
-        check(flags == ref["kept"], "%s: pattern %s, reference %s" % (name, flags, ref["kept"]))
-        kept = sum(flags)
+        layer = layers[name]
+        check(pattern[name + ".lora_E"] == ref["kept"], "%s: %s: pattern differs from the reference" % (case, name))
+        kept = layer["r"]
         (da, a), (de, e), (db, b) = (tensors[PREFIX + name + s] for s in (".lora_A", ".lora_E", ".lora_B"))
-        check(da == de == db == "F32", "%s: dtypes %s %s %s" % (name, da, de, db))
-        check(list(a.shape) == [kept, ref["in"]], "%s.lora_A shape %s, expected %s" % (name, list(a.shape), [kept, ref["in"]]))
-        check(list(e.shape) == [kept, 1], "%s.lora_E shape %s" % (name, list(e.shape)))
-        check(list(b.shape) == [ref["out"], kept], "%s.lora_B shape %s" % (name, list(b.shape)))
-        check(bool((e != 0).all()) or kept == 0, "%s: a kept singular value is zero" % name)
+        check(da == de == db == dtype, "%s: %s: dtypes %s %s %s, expected %s" % (case, name, da, de, db, dtype))
+        check(list(a.shape) == [kept, ref["in"]], "%s: %s.lora_A shape %s, PEFT's module has %s" % (case, name, list(a.shape), [kept, ref["in"]]))
+        check(list(e.shape) == [kept, 1], "%s: %s.lora_E shape %s" % (case, name, list(e.shape)))
+        check(list(b.shape) == [ref["out"], kept], "%s: %s.lora_B shape %s" % (case, name, list(b.shape)))
+        check(bool((e != 0).all()) or kept == 0, "%s: %s: a kept singular value is zero" % (case, name))
 
-        x = torch.tensor(ref["x"], dtype=torch.float32)
-        want = torch.tensor(ref["y_masked"], dtype=torch.float32)
-        ranknum = torch.tensor(float(init_r))  # PEFT: the old ranknum, copied back on load
-        y = ((x @ (a * e).T) @ b.T) * alpha / (ranknum + 1e-5)
+        x = torch.tensor(ref["x"], dtype=torch_dtype)
+        want = torch.tensor(ref["y_masked"], dtype=torch_dtype)
+        ranknum = torch.tensor(layer["ranknum"], dtype=torch_dtype)
+        y = ((x @ (a * e).T) @ b.T) * layer["scaling"] / (ranknum + 1e-5)
         diff = (y - want).abs()
-        tolerance = 1e-6 * (1 + want.abs())
-        check(bool((diff <= tolerance).all()), "%s: resized output differs from the masked one by %g" % (name, diff.max().item()))
+        tolerance = (1e-6 if dtype == "F32" else 1e-13) * (1 + want.abs())
+        check(bool((diff <= tolerance).all()),
+              "%s: %s: PEFT's loaded module differs from adalora's masked adapter by %g (scaling %g, ranknum %g)"
+              % (case, name, diff.max().item(), layer["scaling"], layer["ranknum"]))
         worst = max(worst, diff.max().item() if diff.numel() else 0.0)
         exact += int((y == want).sum())
         total += want.numel()
-    print("check_peft_export: OK: %d modules, keys/shapes/dtypes/config as PEFT writes them; resized "
-          "forward equals the masked one (%d of %d outputs bit-identical, max |diff| %.3g)"
-          % (len(modules), exact, total, worst))
+    print("check_peft_export: OK: %s: lora_alpha %s written for %s trained, %s; PEFT wraps exactly the %d "
+          "adapted of %d modules, loads every key, and its forward equals the masked one (%d of %d "
+          "outputs bit-identical, max |diff| %.3g)"
+          % (case, alpha, reference["trained_lora_alpha"], dtype, len(modules), len(reference["model_modules"]),
+             exact, total, worst))
+
+
+def main():
+    if len(sys.argv) != 2:
+        fail("usage: check_peft_export.py DIR")
+    cases = sorted(d for d in os.listdir(sys.argv[1]) if os.path.isdir(os.path.join(sys.argv[1], d)))
+    check(len(cases) > 0, "no case folders in " + sys.argv[1])
+    for case in cases:
+        check_case(os.path.join(sys.argv[1], case))
+    print("check_peft_export: all %d cases pass" % len(cases))
 
 
 if __name__ == "__main__":

@@ -4,16 +4,25 @@
 
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <new>
 #include <sstream>
+#include <stdexcept>
+#include <streambuf>
 #include <string>
 #include <thread>
 #include <vector>
@@ -620,7 +629,7 @@ TEST_CASE("a failed save leaves the previous checkpoint intact and no temporary 
   }
   SECTION("a directory that does not exist") {
     REQUIRE_THROWS_WITH(adalora::save_checkpoint(s.alloc, (dir / "missing" / "x.ckpt").string()),
-                        Catch::Contains("cannot create the temporary file"));
+                        Catch::Contains("cannot create a temporary file"));
     intact();
   }
 }
@@ -681,4 +690,346 @@ TEMPLATE_TEST_CASE("independent allocators run concurrently, each equal to its s
     REQUIRE(first_difference(concurrent[static_cast<std::size_t>(id)], twins[static_cast<std::size_t>(id)]) == -1);
   }
   REQUIRE(twins[0] != twins[1]);  // the runs really differ from each other
+}
+
+// ---- hostile inputs (issue 14) -----------------------------------------------------------------
+
+namespace {
+
+/// A metric whose checkpoint traits fail as a user's trait that allocates from what it reads may
+/// fail: decode runs out of memory, encode (when asked) hits std::length_error.
+struct greedy_metric : adalora::sensitivity {};
+bool greedy_encode_throws = false;
+
+}  // namespace
+
+template <>
+struct adalora::checkpoint_traits<greedy_metric> {
+  static constexpr std::string_view tag = "greedy";
+  static void encode(const greedy_metric&, adalora::checkpoint_writer&) {
+    if (greedy_encode_throws) throw std::length_error("vector::_M_default_append");
+  }
+  static greedy_metric decode(adalora::checkpoint_reader&) { throw std::bad_alloc(); }
+};
+
+namespace {
+
+const adalora::schedule_options small_schedule = {.initial_budget = 3, .target_budget = 1, .total_step = 10,
+                                                  .tinit = 1, .tfinal = 2, .delta_t = 1};
+
+/// The checkpoint of a sharded run whose process holds no column of A of adapter "wide" (rank 1),
+/// with that adapter's in_features then set to `in_features` and `edit` applied: a few hundred
+/// bytes that declare shapes of any size.
+template <class M = adalora::smoothed_sensitivity>
+bytes_t wide_checkpoint(index_t in_features, void (*edit)(adalora::adapter_shape&) = nullptr) {
+  const std::vector<adalora::adapter_shape> shapes = {{"wide", 256, 4, 1, {.in_begin = 0, .in_count = 0}},
+                                                      {"small", 3, 3, 2}};
+  adalora::rank_allocator<float, M> alloc(shapes, adalora::cubic_schedule(small_schedule));
+  auto im = adalora::detail::ckpt::parse<float>(adalora::checkpoint_bytes(alloc));
+  im.shapes[0].in_features = in_features;
+  if (edit) edit(im.shapes[0]);
+  return adalora::detail::ckpt::encode(im);
+}
+
+std::size_t open_descriptors() {
+  return static_cast<std::size_t>(std::distance(std::filesystem::directory_iterator("/proc/self/fd"),
+                                                std::filesystem::directory_iterator()));
+}
+
+/// What f() throws as a checkpoint_error ("kind: message"), or "returned". If f has not returned
+/// after 10 s (it blocks, as opening a FIFO without a writer does), fails the test and unblocks
+/// it by opening `fifo` for writing, so that the test ends either way.
+template <class F>
+std::string refusal_within_10s(F f, const std::filesystem::path& fifo) {
+  auto attempt = std::async(std::launch::async, [&]() -> std::string {
+    try {
+      f();
+    } catch (const adalora::checkpoint_error& e) {
+      return e.what();
+    }
+    return "returned";
+  });
+  if (attempt.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    while (attempt.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready) {
+      const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
+      if (w >= 0) ::close(w);
+    }
+    FAIL("blocked on the FIFO '" << fifo.string() << "'");
+  }
+  return attempt.get();
+}
+
+/// An endless stream of zero bytes (it stops after `cap` bytes, so that a reader without a bound
+/// ends too), counting what it served.
+struct zeros : std::streambuf {
+  std::uint64_t served = 0;
+  std::uint64_t cap;
+  char buf[1 << 16] = {};
+  explicit zeros(std::uint64_t c) : cap(c) {}
+  int_type underflow() override {
+    if (served >= cap) return traits_type::eof();
+    served += sizeof buf;
+    setg(buf, buf, buf + sizeof buf);
+    return traits_type::to_int_type(buf[0]);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("read_checkpoint_config refuses shapes that need more memory than the file backs",
+          "[checkpoint][hostile]") {
+  // Before: a 600-byte file declaring in_features 2^35 for an adapter whose columns it does not
+  // hold passed, and the allocator built from it allocated 1 GiB of block sums (2^61: a bare
+  // std::bad_alloc).
+  using adalora::read_checkpoint_config_bytes;
+  for (int bits : {35, 61}) {
+    const bytes_t b = wide_checkpoint(index_t{1} << bits);
+    INFO("in_features 2^" << bits << ", " << b.size() << " bytes");
+    REQUIRE(b.size() < 1000);
+    try {
+      (void)read_checkpoint_config_bytes<float>(b);
+      FAIL("read the configuration");
+    } catch (const adalora::checkpoint_error& e) {
+      CHECK(e.error_kind() == kind::malformed);
+      CHECK_THAT(e.what(), Catch::Contains("adalora::read_checkpoint_config: bytes: adapter 0 ('wide') has "
+                                           "in_features " + std::to_string(index_t{1} << bits)) &&
+                               Catch::Contains("in [0, +0)") &&
+                               Catch::Contains("more than its " + std::to_string(b.size()) + " bytes back") &&
+                               Catch::Contains("checkpoint_limits::max_unbacked_bytes"));
+    }
+  }
+  // A stateless metric: no state bytes at all, whatever the adapter holds.
+  const bytes_t stateless = wide_checkpoint<adalora::magnitude>(index_t{1} << 35, [](adalora::adapter_shape& s) {
+    s.shard.in_count = s.in_features;  // the whole adapter, unsharded
+  });
+  REQUIRE_THROWS_WITH((read_checkpoint_config_bytes<float, adalora::magnitude>(stateless)),
+                      Catch::Contains("adapter 0 ('wide')") && Catch::Contains("more than its"));
+  // The same from a file names the file.
+  const auto dir = temp_dir("unbacked");
+  const auto path = (dir / "wide.ckpt").string();
+  {
+    const bytes_t b = wide_checkpoint(index_t{1} << 35);
+    std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()),
+                                                static_cast<std::streamsize>(b.size()));
+  }
+  REQUIRE_THROWS_WITH(adalora::read_checkpoint_config<float>(path),
+                      Catch::Contains("adalora::read_checkpoint_config: '" + path + "': adapter 0 ('wide')"));
+  // The caller may allow more for a file it trusts (1 GiB here; not constructed).
+  const auto c = adalora::read_checkpoint_config<float>(path, {.max_unbacked_bytes = std::uint64_t{2} << 30});
+  REQUIRE(c.shapes[0].in_features == index_t{1} << 35);
+}
+
+TEST_CASE("read_checkpoint_config refuses names the allocator's constructor refuses",
+          "[checkpoint][hostile]") {
+  // Before: a file with a repeated or empty adapter name read, and constructing the allocator
+  // from it threw std::invalid_argument.
+  const bytes_t good = adalora::checkpoint_bytes(stepped<float>(3).alloc);
+  auto edited = [&](auto edit) {
+    auto im = adalora::detail::ckpt::parse<float>(good);
+    edit(im);
+    return adalora::detail::ckpt::encode(im);
+  };
+  const bytes_t repeated = edited([](auto& im) { im.shapes[3].name = im.shapes[1].name; });
+  REQUIRE_THROWS_WITH(adalora::read_checkpoint_config_bytes<float>(repeated),
+                      Catch::Contains("adapters 1 and 3 have the same name 'layers.0.v'"));
+  const bytes_t empty = edited([](auto& im) { im.shapes[2].name.clear(); });
+  REQUIRE_THROWS_WITH(adalora::read_checkpoint_config_bytes<float>(empty),
+                      Catch::Contains("adapter 2 has an empty name"));
+}
+
+TEST_CASE("a sharded checkpoint whose process holds none of a wide adapter reads and resumes",
+          "[checkpoint][hostile]") {
+  // What the bound must not refuse: block sums of adapters held elsewhere, at realistic sizes.
+  const std::vector<adalora::adapter_shape> shapes = {
+      {"held_elsewhere", 8192, 28672, 16, {.triplet_begin = 0, .triplet_count = 0}},
+      {"held_here", 3, 3, 2}};
+  const adalora::schedule_options so = {.initial_budget = 18, .target_budget = 6, .total_step = 10,
+                                        .tinit = 1, .tfinal = 2, .delta_t = 1};
+  adalora::rank_allocator<float, adalora::magnitude> first(shapes, adalora::cubic_schedule(so));
+  const bytes_t b = adalora::checkpoint_bytes(first);
+  auto c = adalora::read_checkpoint_config_bytes<float, adalora::magnitude>(b);
+  adalora::rank_allocator<float, adalora::magnitude> second(c.shapes, c.schedule, c.metric, c.options);
+  adalora::load_checkpoint_bytes(second, b);
+  REQUIRE(adalora::checkpoint_bytes(second) == b);
+}
+
+TEST_CASE("a save never writes through a symbolic link planted at a temporary name",
+          "[checkpoint][atomic][hostile]") {
+  // Before: the temporary file was <path>.tmp.<pid>.<n>, opened with O_CREAT | O_TRUNC: a link
+  // planted there had its target overwritten, and the link was renamed into place.
+  const auto dir = temp_dir("symlink");
+  const auto victim = temp_dir("symlink_victim") / "victim";
+  std::ofstream(victim) << "precious";
+  const bytes_t precious = file_bytes(victim);
+  const std::string path = (dir / "run.ckpt").string();
+  for (int n = 0; n < 4096; ++n)  // every name the old writer would pick in this process, and more
+    std::filesystem::create_symlink(victim, path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(n));
+  const auto planted = dir_entries(dir);
+  stepped<float> s(10);
+
+  // What the descriptor written to is: a new regular file of one name in the checkpoint's
+  // directory, not the victim.
+  std::string written_to;
+  bool fresh = false;
+  adalora::checkpoint_file_ops ops;
+  ops.write = [&](int fd, const std::uint8_t* data, std::size_t n) -> long {
+    struct stat st {};
+    const auto target = std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd));
+    written_to = target.string();
+    fresh = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1 &&
+            target.parent_path() == std::filesystem::canonical(dir) &&
+            target.filename().string().starts_with("run.ckpt.tmp.") && !std::filesystem::is_symlink(target);
+    return static_cast<long>(::write(fd, data, n));
+  };
+  adalora::save_checkpoint(s.alloc, path, ops);
+  INFO("written to " << written_to);
+  REQUIRE(fresh);
+  adalora::save_checkpoint(s.alloc, path);  // and with the real calls
+  REQUIRE(file_bytes(victim) == precious);
+  REQUIRE(!std::filesystem::is_symlink(path));
+  REQUIRE(file_bytes(path) == adalora::checkpoint_bytes(s.alloc));
+  auto expected = planted;
+  expected.push_back("run.ckpt");
+  std::sort(expected.begin(), expected.end());
+  REQUIRE(dir_entries(dir) == expected);  // no temporary file left, the planted links untouched
+}
+
+TEST_CASE("a callback that throws fails the save cleanly: checkpoint_error, no temporary file, "
+          "no leaked descriptor", "[checkpoint][atomic]") {
+  // Before: the exception went through bare, past the temporary file and its descriptor.
+  const auto dir = temp_dir("throwing_callback");
+  const std::string path = (dir / "run.ckpt").string();
+  stepped<float> s(10);
+  adalora::save_checkpoint(s.alloc, path);
+  const bytes_t previous = file_bytes(path);
+  s.m.train_step(10);
+  s.alloc.step(10, s.views);
+
+  auto fails_cleanly = [&](const adalora::checkpoint_file_ops& ops) {
+    const std::size_t descriptors = open_descriptors();
+    try {
+      adalora::save_checkpoint(s.alloc, path, ops);
+      FAIL("saved");
+    } catch (const adalora::checkpoint_error& e) {
+      CHECK(e.error_kind() == kind::io);
+      CHECK_THAT(e.what(), Catch::StartsWith("adalora::save_checkpoint: '" + path + "': ") &&
+                               Catch::Contains("a callback threw: disk on fire") &&
+                               Catch::Contains("the previous checkpoint is intact"));
+    }
+    REQUIRE(open_descriptors() == descriptors);
+    REQUIRE(file_bytes(path) == previous);
+    REQUIRE(dir_entries(dir) == std::vector<std::string>{"run.ckpt"});
+  };
+  adalora::checkpoint_file_ops ops;
+  ops.write = [](int, const std::uint8_t*, std::size_t) -> long { throw std::runtime_error("disk on fire"); };
+  fails_cleanly(ops);
+  ops = {};
+  ops.fsync = [](int) -> int { throw std::runtime_error("disk on fire"); };
+  fails_cleanly(ops);
+  ops = {};
+  ops.rename = [](const char*, const char*) -> int { throw std::runtime_error("disk on fire"); };
+  fails_cleanly(ops);
+}
+
+TEST_CASE("what is not a regular file is refused at once, naming the file", "[checkpoint][hostile]") {
+  stepped<float> target(5);
+  const auto before = snapshot(target.alloc);
+  const auto dir = temp_dir("not_regular");
+  auto refusal = [](auto f) -> std::string {
+    try {
+      f();
+    } catch (const adalora::checkpoint_error& e) {
+      CHECK(e.error_kind() == kind::io);
+      return e.what();
+    }
+    return "returned";
+  };
+
+  SECTION("/dev/zero: before, read without end") {
+    CHECK_THAT(refusal([&] { adalora::load_checkpoint(target.alloc, "/dev/zero"); }),
+               Catch::StartsWith("adalora::load_checkpoint: '/dev/zero': it is a character device"));
+    CHECK_THAT(refusal([&] { (void)adalora::read_checkpoint_config<float>("/dev/zero"); }),
+               Catch::StartsWith("adalora::read_checkpoint_config: '/dev/zero': it is a character device"));
+  }
+  SECTION("a FIFO: before, blocked for ever waiting for a writer") {
+    const auto fifo = dir / "pipe.ckpt";
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    CHECK_THAT(refusal_within_10s([&] { adalora::load_checkpoint(target.alloc, fifo.string()); }, fifo),
+               Catch::Contains("'" + fifo.string() + "': it is a FIFO"));
+    CHECK_THAT(refusal_within_10s([&] { (void)adalora::read_checkpoint_config<float>(fifo.string()); }, fifo),
+               Catch::Contains("'" + fifo.string() + "': it is a FIFO"));
+  }
+  SECTION("a directory: before, \"reading failed\" or a failed rename") {
+    const std::string d = (dir / "checkpoints").string();
+    std::filesystem::create_directory(d);
+    CHECK_THAT(refusal([&] { adalora::load_checkpoint(target.alloc, d); }),
+               Catch::StartsWith("adalora::load_checkpoint: '" + d + "': it is a directory"));
+    CHECK_THAT(refusal([&] { (void)adalora::read_checkpoint_config<float>(d); }),
+               Catch::StartsWith("adalora::read_checkpoint_config: '" + d + "': it is a directory"));
+    CHECK_THAT(refusal([&] { adalora::save_checkpoint(target.alloc, d); }),
+               Catch::StartsWith("adalora::save_checkpoint: '" + d + "': it is a directory"));
+    REQUIRE(std::filesystem::is_directory(d));
+    REQUIRE(dir_entries(dir) == std::vector<std::string>{"checkpoints"});
+  }
+  REQUIRE(first_difference(snapshot(target.alloc), before) == -1);
+}
+
+TEST_CASE("a file or stream longer than any checkpoint of the allocator is refused before it is read",
+          "[checkpoint][hostile]") {
+  stepped<float> target(5);
+  const auto before = snapshot(target.alloc);
+  const std::uint64_t own = adalora::checkpoint_bytes(target.alloc).size();
+  SECTION("a 256 MiB file (sparse: it takes no disk)") {
+    const auto path = temp_dir("long_file") / "big.ckpt";
+    std::ofstream(path).close();
+    std::filesystem::resize_file(path, std::uint64_t{256} << 20);
+    try {
+      adalora::load_checkpoint(target.alloc, path.string());
+      FAIL("loaded");
+    } catch (const adalora::checkpoint_error& e) {
+      CHECK(e.error_kind() == kind::io);
+      CHECK_THAT(e.what(), Catch::Contains("'" + path.string() + "': it is 268435456 bytes long, more than the limit of"));
+    }
+  }
+  SECTION("an endless stream") {
+    zeros source(std::uint64_t{256} << 20);
+    std::istream in(&source);
+    try {
+      adalora::read_checkpoint(target.alloc, in);
+      FAIL("loaded");
+    } catch (const adalora::checkpoint_error& e) {
+      CHECK(e.error_kind() == kind::io);
+      CHECK_THAT(e.what(), Catch::StartsWith("adalora::read_checkpoint: stream: it has more than") &&
+                               Catch::Contains("the most a checkpoint of this allocator can have"));
+    }
+    CHECK(source.served < own + (std::uint64_t{1} << 20));
+  }
+  REQUIRE(first_difference(snapshot(target.alloc), before) == -1);
+}
+
+TEST_CASE("errors of the standard library reach the user as checkpoint_error with context",
+          "[checkpoint][errors]") {
+  // Before: a trait's std::bad_alloc or std::length_error went through bare, saying neither the
+  // function nor the file.
+  adalora::rank_allocator<float, greedy_metric> alloc(run_shapes, adalora::cubic_schedule(run_schedule));
+  const bytes_t b = adalora::checkpoint_bytes(alloc);
+  REQUIRE_THROWS_AS(adalora::load_checkpoint_bytes(alloc, b), adalora::checkpoint_error);
+  REQUIRE_THROWS_WITH(adalora::load_checkpoint_bytes(alloc, b),
+                      Catch::StartsWith("adalora::load_checkpoint_bytes: ") &&
+                          Catch::Contains("out of memory (std::bad_alloc)"));
+  REQUIRE_THROWS_AS((adalora::read_checkpoint_config_bytes<float, greedy_metric>(b)), adalora::checkpoint_error);
+
+  const auto dir = temp_dir("std_errors");
+  const std::string path = (dir / "run.ckpt").string();
+  greedy_encode_throws = true;
+  try {
+    adalora::save_checkpoint(alloc, path);
+    FAIL("saved");
+  } catch (const adalora::checkpoint_error& e) {
+    CHECK(e.error_kind() == kind::io);
+    CHECK_THAT(e.what(), Catch::StartsWith("adalora::save_checkpoint: '" + path + "': ") &&
+                             Catch::Contains("std::length_error: vector::_M_default_append"));
+  }
+  greedy_encode_throws = false;
+  REQUIRE(dir_entries(dir).empty());
 }

@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include <limits>
 #include <vector>
 
 #include "adalora/backend.hpp"
@@ -33,6 +34,24 @@ TEST_CASE("checked factories reject bad extents with a message naming the functi
                       Catch::Contains("null"));
   REQUIRE_THROWS_WITH(adalora::make_vector_view(&x, -3), Catch::Contains("-3"));
   REQUIRE_NOTHROW(adalora::make_matrix_view(static_cast<float*>(nullptr), 0, 5));
+}
+
+TEST_CASE("checked factories refuse extents whose element count overflows index_t",
+          "[view][hostile]") {
+  // rows * cols was computed in signed arithmetic: 2^62 * 8 overflowed (and wrapped to 0, so a
+  // null pointer passed for a "non-empty" matrix).
+  constexpr index_t big = index_t{1} << 62;
+  float x = 0;
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(static_cast<float*>(nullptr), big, 8),
+                      Catch::Contains("make_matrix_view") && Catch::Contains("4611686018427387904 x 8") &&
+                          Catch::Contains("more elements than index_t can count"));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, 8, big, adalora::layout::col_major),
+                      Catch::Contains("more elements"));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, big, 8, 8, 1), Catch::Contains("more elements"));
+  const index_t max = std::numeric_limits<index_t>::max();
+  REQUIRE_NOTHROW(adalora::make_matrix_view(&x, max, 1));
+  REQUIRE_NOTHROW(adalora::make_matrix_view(static_cast<float*>(nullptr), max, 0));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, max, 2), Catch::Contains("more elements"));
 }
 
 TEST_CASE("std containers are viewed zero-copy as vectors", "[view]") {

@@ -7,12 +7,14 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "adalora/budget_schedule.hpp"
 #include "adalora/importance/magnitude.hpp"
 #include "adalora/importance/sensitivity.hpp"
+#include "adalora/importance/smoothed_sensitivity.hpp"
 #include "adalora/rank_allocator.hpp"
 
 namespace {
@@ -212,6 +214,50 @@ TEST_CASE("the allocator validates its construction and every step", "[allocator
   }
 }
 
+TEST_CASE("option values the allocator does not know are refused at construction",
+          "[allocator][errors]") {
+  // As from an int in a user's config file: every unknown value used to be taken as one of the
+  // known ones (tie_policy(2) as exact_budget, without its scratch: a crash at the first mask).
+  using alloc_t = adalora::rank_allocator<double, adalora::magnitude, fixed_budget>;
+  const std::vector<adalora::adapter_shape> shapes = {{"a", 3, 2, 2}};
+  REQUIRE_THROWS_AS(alloc_t(shapes, fixed_budget{2, 1}, {}, {.ties = static_cast<adalora::tie_policy>(2)}),
+                    std::invalid_argument);
+  REQUIRE_THROWS_WITH(alloc_t(shapes, fixed_budget{2, 1}, {}, {.ties = static_cast<adalora::tie_policy>(2)}),
+                      Catch::Contains("rank_allocator") && Catch::Contains("options.ties") &&
+                          Catch::Contains("got 2"));
+  REQUIRE_THROWS_WITH(alloc_t(shapes, fixed_budget{2, 1}, {},
+                              {.semantics = static_cast<adalora::final_phase>(2)}),
+                      Catch::Contains("options.semantics") && Catch::Contains("got 2"));
+  REQUIRE_THROWS_WITH(alloc_t(shapes, fixed_budget{2, 1}, {},
+                              {.non_finite = static_cast<adalora::non_finite_policy>(3)}),
+                      Catch::Contains("options.non_finite") && Catch::Contains("got 3"));
+  REQUIRE_THROWS_WITH(alloc_t(shapes, fixed_budget{2, 1}, {},
+                              {.non_finite = static_cast<adalora::non_finite_policy>(255)}),
+                      Catch::Contains("options.non_finite") && Catch::Contains("got 255"));
+  // Every known value is accepted.
+  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib})
+    for (auto ties : {adalora::tie_policy::prune_all_ties, adalora::tie_policy::exact_budget})
+      for (auto non_finite : {adalora::non_finite_policy::ignore_elements, adalora::non_finite_policy::skip_step,
+                              adalora::non_finite_policy::throw_error})
+        REQUIRE_NOTHROW(alloc_t(shapes, fixed_budget{2, 1}, {},
+                                {.semantics = semantics, .ties = ties, .non_finite = non_finite}));
+}
+
+TEST_CASE("empty or duplicate adapter names are refused at construction", "[allocator][errors]") {
+  // They key the rank pattern: pattern() would refuse them only after a whole training run.
+  using alloc_t = adalora::rank_allocator<double, adalora::magnitude, fixed_budget>;
+  REQUIRE_THROWS_AS(alloc_t({{"q", 3, 2, 2}, {"v", 3, 2, 2}, {"q", 4, 4, 1}}, fixed_budget{5, 1}),
+                    std::invalid_argument);
+  REQUIRE_THROWS_WITH(alloc_t({{"q", 3, 2, 2}, {"v", 3, 2, 2}, {"q", 4, 4, 1}}, fixed_budget{5, 1}),
+                      Catch::Contains("rank_allocator") && Catch::Contains("adapters 0 and 2") &&
+                          Catch::Contains("'q'"));
+  REQUIRE_THROWS_WITH(alloc_t({{"x", 3, 2, 2}, {"b", 3, 2, 2}, {"a", 3, 2, 2}, {"b", 3, 2, 2}},
+                              fixed_budget{8, 1}),
+                      Catch::Contains("adapters 1 and 3") && Catch::Contains("'b'"));
+  REQUIRE_THROWS_WITH(alloc_t({{"q", 3, 2, 2}, {"", 3, 2, 2}}, fixed_budget{4, 1}),
+                      Catch::Contains("adapter 1") && Catch::Contains("empty name"));
+}
+
 TEMPLATE_TEST_CASE("non-finite parameters or gradients never reach the scores, under every policy",
                    "[allocator][errors]", float, double) {
   using T = TestType;
@@ -280,6 +326,60 @@ TEMPLATE_TEST_CASE("extreme but finite values do not overflow the scores", "[all
   REQUIRE(alloc.triplet_scores()[0] > 1e50);
   REQUIRE(std::vector<adalora::index_t>(r.kept.begin(), r.kept.end()) ==
           std::vector<adalora::index_t>{1, 0});
+}
+
+TEST_CASE("a score beyond double's range is +inf and ranks first; the step goes on",
+          "[allocator][errors]") {
+  // A = 1e100 and its gradient 1e100: |w·∇w| = 1e200 and Ī, Ū fit a double, Ī·Ū ≈ 1e398 does
+  // not. As torch computes it in float64, that score is +inf: ranked above every finite score,
+  // the state finite, no error (it used to be refused as a broken metric after the state moved).
+  const auto policy = GENERATE(adalora::non_finite_policy::ignore_elements,
+                               adalora::non_finite_policy::skip_step,
+                               adalora::non_finite_policy::throw_error);
+  const auto semantics = GENERATE(adalora::final_phase::peft, adalora::final_phase::loralib);
+  std::vector<adapter_storage<double>> s;
+  s.emplace_back(3, 2, 2);
+  s.emplace_back(3, 2, 1);
+  for (auto* g : {&s[0].gA, &s[0].gE, &s[0].gB}) std::fill(g->begin(), g->end(), 0.5);
+  for (auto* g : {&s[1].gA, &s[1].gE, &s[1].gB}) std::fill(g->begin(), g->end(), 0.25);
+  std::fill(s[0].A.begin() + 3, s[0].A.end(), 1e100);  // row 1 of A: triplet 1 of "big"
+  std::fill(s[0].gA.begin() + 3, s[0].gA.end(), 1e100);
+  auto views = tensors_of(s);
+  // Masks at every step to 2 of 3 triplets; the final phase from step 2 (frozen scores).
+  adalora::rank_allocator<double, adalora::smoothed_sensitivity, fixed_budget> alloc(
+      {{"big", 3, 2, 2}, {"small", 3, 2, 1}}, fixed_budget{3, 2, 2}, {},
+      {.semantics = semantics, .non_finite = policy});
+  for (std::int64_t t = 0; t < 4; ++t) {
+    const auto& r = alloc.step(t, views);
+    REQUIRE(r.non_finite == 0);
+    REQUIRE_FALSE(r.skipped);
+    if (r.action == adalora::mask_action::threshold) {
+      REQUIRE(alloc.triplet_scores()[1] == std::numeric_limits<double>::infinity());
+      REQUIRE(std::isfinite(alloc.triplet_scores()[0]));
+      REQUIRE(std::isfinite(alloc.triplet_scores()[2]));
+      REQUIRE(r.threshold == alloc.triplet_scores()[2]);  // "small" ranks last
+    }
+    REQUIRE(alloc.kept_mask(0)[1] == 1);  // the +inf triplet is never pruned
+    REQUIRE(r.kept_total == 2);
+    for (double v : alloc.state(0, adalora::tensor_role::A)) REQUIRE(std::isfinite(v));
+  }
+  REQUIRE(alloc.last_step() == 3);
+}
+
+TEST_CASE("a sum of finite scores beyond double's range is +inf, not a broken metric",
+          "[allocator][errors]") {
+  // |w| = 1e308 twice in a row of A: each score is finite, their sum is not.
+  std::vector<adapter_storage<double>> s;
+  s.emplace_back(2, 2, 2);
+  s[0].A = {1e308, 1e308, 1, 1};
+  auto views = tensors_of(s);
+  adalora::rank_allocator<double, adalora::parameter_magnitude, fixed_budget> alloc({{"a", 2, 2, 2}},
+                                                                                    fixed_budget{2, 1});
+  const auto& r = alloc.step(0, views);
+  REQUIRE(alloc.triplet_scores()[0] == std::numeric_limits<double>::infinity());
+  REQUIRE(alloc.triplet_scores()[1] == 1.0 + (1.0 + 1.0));
+  REQUIRE(r.threshold == 3.0);
+  REQUIRE(s[0].E == std::vector<double>{1, 0});
 }
 
 TEST_CASE("a product of finite values beyond float's range leaves that element's state as it was",
@@ -386,4 +486,32 @@ TEMPLATE_TEST_CASE("results do not depend on the number of threads", "[allocator
                                                                            .total_step = 12}),
                                                   {}, {.threads = 0}),
                       Catch::Contains("threads must be >= 1"));
+}
+
+TEMPLATE_TEST_CASE("empty views may have null data: a shard that holds no columns of A",
+                   "[allocator][sharding]", float, double) {
+  using T = TestType;
+  // This process holds every triplet and row of B, but none of A's 5 columns: A and its gradient
+  // are 3 x 0, viewed from empty vectors whose data() is null.
+  std::vector<T> E = {T(3), T(1), T(2)}, gE(3, T(0.5)), B(4 * 3, T(1)), gB(4 * 3, T(0.25));
+  std::vector<T> A, gA;
+  REQUIRE(A.data() == nullptr);
+  const adalora::adapter_tensors<T> views{
+      {adalora::make_matrix_view(A.data(), 3, 0), adalora::vector_view<T>(E.data(), 3),
+       adalora::make_matrix_view(B.data(), 4, 3)},
+      {adalora::make_matrix_view<const T>(gA.data(), 3, 0), adalora::vector_view<const T>(gE.data(), 3),
+       adalora::make_matrix_view<const T>(gB.data(), 4, 3)}};
+  adalora::adapter_shape shape{"a", 5, 4, 3};
+  shape.shard.in_count = 0;
+  adalora::rank_allocator<T, adalora::smoothed_sensitivity, fixed_budget> alloc({shape}, fixed_budget{3, 2});
+  const auto& r = alloc.step(0, std::span<const adalora::adapter_tensors<T>>(&views, 1));
+  REQUIRE(r.kept_total == 2);
+  REQUIRE(E[1] == T(0));  // |E·∇E| is lowest for E = 1
+  // A non-empty view with null data is still refused.
+  const adalora::adapter_tensors<T> broken{
+      {adalora::make_matrix_view(A.data(), 3, 0), adalora::vector_view<T>(nullptr, 3),
+       adalora::make_matrix_view(B.data(), 4, 3)},
+      views.grads};
+  REQUIRE_THROWS_WITH(alloc.step(1, std::span<const adalora::adapter_tensors<T>>(&broken, 1)),
+                      Catch::Contains("null data"));
 }

@@ -2,8 +2,14 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
+#include <filesystem>
+#include <iterator>
 #include <type_traits>
 #include <vector>
 #include <fstream>
@@ -67,6 +73,142 @@ TEST_CASE("malformed rank patterns are refused with the key and the reason", "[r
   p.add("x", {true});
   REQUIRE_THROWS_WITH(p.add("x", {false}), Catch::Contains("already"));
   REQUIRE_THROWS_AS(p.at("y"), std::out_of_range);
+}
+
+namespace {
+
+std::string temp_dir() {
+  return std::getenv("TEST_TMPDIR") ? std::getenv("TEST_TMPDIR") : "/tmp";
+}
+
+std::string read_error(const std::string& path) {
+  try {
+    (void)adalora::read_rank_pattern_json(path);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::string error_for_text(const std::string& text) {
+  const std::string path = temp_dir() + "/adalora_rank_pattern_hostile.json";
+  std::ofstream(path, std::ios::binary) << text;
+  const std::string e = read_error(path);
+  std::remove(path.c_str());
+  return e;
+}
+
+/// An array nested `depth` deep, built without recursion (moves only).
+nlohmann::json nested_array(int depth) {
+  nlohmann::json j = nlohmann::json::array();
+  for (int i = 1; i < depth; ++i) {
+    nlohmann::json outer = nlohmann::json::array();
+    outer.push_back(std::move(j));
+    j = std::move(outer);
+  }
+  return j;
+}
+
+}  // namespace
+
+TEST_CASE("rank pattern files nested 100,000 deep are refused; user-built deep values are "
+          "described briefly", "[rank_pattern][errors][hostile]") {
+  const std::string deep = std::string(100'000, '[') + std::string(100'000, ']');
+  REQUIRE_THAT(error_for_text(R"({"x.lora_E":)" + deep + "}"),
+               Catch::Contains("read_rank_pattern_json") && Catch::Contains("64 levels"));
+  REQUIRE_THAT(error_for_text(R"({"rank_pattern":{"x.lora_E":[)" + deep + "]}}"),
+               Catch::Contains("64 levels"));
+  // A value built in memory is not limited by a parser: the message describes it without
+  // printing (or recursing through) it.
+  nlohmann::json j = nlohmann::json::object();
+  j["x.lora_E"] = nlohmann::json::array();
+  j["x.lora_E"].push_back(nested_array(100'000));
+  REQUIRE_THROWS_WITH(adalora::rank_pattern_from_peft_json(j),
+                      Catch::Contains("\"x.lora_E\"") && Catch::Contains("only booleans") &&
+                          Catch::Contains("an array nested 100000 levels deep"));
+  REQUIRE_THROWS_WITH(adalora::rank_pattern_from_peft_json(nested_array(100'000)),
+                      Catch::Contains("an array nested 100000 levels deep"));
+  // Long values are cut short.
+  nlohmann::json long_string = {{"x.lora_E", std::string(1'000'000, 'a')}};
+  std::string message;
+  try {
+    (void)adalora::rank_pattern_from_peft_json(long_string);
+  } catch (const std::invalid_argument& e) {
+    message = e.what();
+  }
+  REQUIRE_THAT(message, Catch::Contains("list of booleans") && Catch::Contains("characters)"));
+  REQUIRE(message.size() < 400);
+}
+
+TEST_CASE("a rank pattern naming a key or a module twice is refused, naming it",
+          "[rank_pattern][errors][hostile]") {
+  // nlohmann kept the last value silently.
+  REQUIRE_THAT(error_for_text(R"({"x.lora_E":[true],"x.lora_E":[false]})"),
+               Catch::Contains("read_rank_pattern_json") && Catch::Contains("\"x.lora_E\"") &&
+                   Catch::Contains("twice"));
+  REQUIRE_THAT(error_for_text(R"({"rank_pattern":{"q.lora_E":[true]},"rank_pattern":null})"),
+               Catch::Contains("\"rank_pattern\"") && Catch::Contains("twice"));
+  // Two keys for one module: the saved form and the training form with an adapter name.
+  nlohmann::ordered_json j = {{"x.lora_E", {true}}, {"x.lora_E.default", {false}}};
+  REQUIRE_THROWS_WITH(adalora::rank_pattern_from_peft_json(j),
+                      Catch::Contains("\"x.lora_E.default\"") && Catch::Contains("\"x\"") &&
+                          Catch::Contains("second time"));
+}
+
+TEST_CASE("reading a directory, a FIFO or a device as a rank pattern fails at once, naming it",
+          "[rank_pattern][errors][hostile]") {
+  const std::string dir = temp_dir();
+  REQUIRE_THAT(read_error(dir), Catch::Contains("adalora::read_rank_pattern_json: '" + dir + "'") &&
+                                    Catch::Contains("a directory"));
+  const std::string fifo = dir + "/adalora_rank_pattern_test.fifo";
+  std::remove(fifo.c_str());
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  REQUIRE_THAT(read_error(fifo), Catch::Contains("'" + fifo + "'") && Catch::Contains("FIFO"));
+  std::remove(fifo.c_str());
+  REQUIRE_THAT(read_error("/dev/zero"), Catch::Contains("'/dev/zero'") && Catch::Contains("character device"));
+  REQUIRE_THROWS_AS(adalora::read_rank_pattern_json(dir), std::runtime_error);
+}
+
+TEST_CASE("writing a rank pattern is atomic and refuses names JSON cannot hold",
+          "[rank_pattern][errors][hostile]") {
+  const std::string dir = temp_dir() + "/adalora_rank_pattern_atomic";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/rank_pattern.json";
+  adalora::rank_pattern small;
+  small.add("q", {true});
+  adalora::write_rank_pattern_json(small, path);
+
+  adalora::rank_pattern large;
+  for (int i = 0; i < 200; ++i) large.add("model.layers." + std::to_string(i) + ".q_proj", std::vector<bool>(8, true));
+  // Files may grow to 1 KiB only: the write fails with EFBIG half-way (SIGXFSZ ignored).
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit limit = old;
+  limit.rlim_cur = 1024;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limit) == 0);
+  std::string error = "no error";
+  try {
+    adalora::write_rank_pattern_json(large, path);
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  REQUIRE_THAT(error, Catch::Contains("adalora::write_rank_pattern_json: '" + path + "'") &&
+                          Catch::Contains("previous file is intact"));
+  REQUIRE(adalora::read_rank_pattern_json(path) == small);
+  REQUIRE(std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()) == 1);
+
+  // nlohmann's type_error 316 escaped from dump() without adalora's context.
+  adalora::rank_pattern bad;
+  bad.add("caf\xc3", {true});
+  REQUIRE_THROWS_AS(adalora::write_rank_pattern_json(bad, path), std::invalid_argument);
+  REQUIRE_THROWS_WITH(adalora::write_rank_pattern_json(bad, path),
+                      Catch::Contains("write_rank_pattern_json") && Catch::Contains("UTF-8"));
+  REQUIRE(adalora::read_rank_pattern_json(path) == small);
+  std::filesystem::remove_all(dir);
 }
 
 TEMPLATE_TEST_CASE("adapters resized to the reference run's final pattern give the masked output",

@@ -4,9 +4,15 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -37,6 +43,16 @@ std::string parse_error(std::vector<std::byte> bytes) {
     return e.what();
   }
   return "no error";
+}
+
+std::filesystem::path test_dir() {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  return tmp ? tmp : std::filesystem::temp_directory_path();
+}
+
+std::string file_text(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 std::vector<std::byte> sample_file() {
@@ -166,7 +182,7 @@ TEST_CASE("safetensors: headers that are not the expected JSON are refused",
   const std::string dup =
       R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
       R"("x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})";
-  REQUIRE_THAT(parse_error(make_file(dup, 8)), Catch::Contains("names 'x' twice"));
+  REQUIRE_THAT(parse_error(make_file(dup, 8)), Catch::Contains("\"x\"") && Catch::Contains("twice"));
   // An empty header object with no data is a valid (empty) file.
   REQUIRE(parse_error(make_file("{}", 0)) == "no error");
 }
@@ -264,4 +280,139 @@ TEST_CASE("safetensors: files on disk", "[safetensors]") {
   REQUIRE(f.values<float>("v") == v);
   std::filesystem::remove(path);
   REQUIRE_THROWS_AS(safetensors_file::read(path), std::runtime_error);
+}
+
+TEST_CASE("safetensors: a header nested 100,000 deep is refused, not a stack overflow",
+          "[safetensors][malformed][hostile]") {
+  // 200 KB: the shape is an array nested 100,000 deep. Describing or copying it recursed once per
+  // level and crashed; the depth limit refuses it while parsing.
+  const std::string deep = std::string(100'000, '[') + std::string(100'000, ']');
+  const std::string h = R"({"x":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,0]}})";
+  REQUIRE_THAT(parse_error(make_file(h, 0)),
+               Catch::Contains("test.safetensors") && Catch::Contains("64 levels"));
+  // At the limit's edge a nested shape is refused as a bad shape, quoting it briefly.
+  const std::string h2 = R"({"x":{"dtype":"F32","shape":)" + std::string(60, '[') +
+                         std::string(60, ']') + R"(,"data_offsets":[0,0]}})";
+  REQUIRE_THAT(parse_error(make_file(h2, 0)), Catch::Contains("non-negative integers"));
+}
+
+TEST_CASE("safetensors: a duplicate key at any level of the header is refused, naming it",
+          "[safetensors][malformed][hostile]") {
+  REQUIRE_THAT(parse_error(make_file(R"({"x":{"dtype":"F32","dtype":"I32","shape":[1],"data_offsets":[0,4]}})", 4)),
+               Catch::Contains("\"dtype\"") && Catch::Contains("twice"));
+  REQUIRE_THAT(parse_error(make_file(R"({"__metadata__":{"format":"pt","format":"np"}})", 0)),
+               Catch::Contains("\"format\"") && Catch::Contains("twice"));
+}
+
+TEST_CASE("safetensors: only spaces may pad the header after its JSON object",
+          "[safetensors][malformed][hostile]") {
+  using namespace std::string_literals;
+  REQUIRE_THAT(parse_error(make_file("{}\0garbage!"s, 0)),
+               Catch::Contains("NUL byte at byte 2") && Catch::Contains("only spaces"));
+  REQUIRE_THAT(parse_error(make_file("{}\0      "s, 0)), Catch::Contains("NUL byte at byte 2"));
+  REQUIRE_THAT(parse_error(make_file("{\"a\0\":1}"s, 0)), Catch::Contains("NUL byte at byte 3"));
+  REQUIRE_THAT(parse_error(make_file("{}\n"s, 0)),
+               Catch::Contains("character code 10 at byte 2") && Catch::Contains("only spaces"));
+  REQUIRE_THAT(parse_error(make_file("{}\t  "s, 0)), Catch::Contains("character code 9"));
+  REQUIRE_THAT(parse_error(make_file("{} x"s, 0)), Catch::Contains("not valid JSON"));
+  REQUIRE(parse_error(make_file("{}      "s, 0)) == "no error");
+  REQUIRE(parse_error(make_file("{ \"__metadata__\" : {} }  "s, 0)) == "no error");
+}
+
+TEST_CASE("safetensors writer: shapes whose byte count would wrap are refused before any "
+          "arithmetic overflows", "[safetensors][hostile]") {
+  constexpr std::int64_t big = std::int64_t{1} << 62;
+  safetensors_writer w;
+  // 2^62 × 4 elements wrapped to 0, matching 0 bytes.
+  REQUIRE_THROWS_WITH(w.add_raw("x", st_dtype::U8, {big, 4}, {}),
+                      Catch::Contains("safetensors_writer::add") && Catch::Contains("'x'") &&
+                          Catch::Contains("more than 2^63 - 1 bytes"));
+  REQUIRE_THROWS_WITH(w.add_raw("x", st_dtype::F32, {big, 2}, {}), Catch::Contains("2^63"));
+  REQUIRE_THROWS_WITH(w.add_raw("x", st_dtype::F32, {2, -1}, {}), Catch::Contains("negative extent -1"));
+  // The vector form multiplied the shape in signed arithmetic.
+  const float v = 1;
+  REQUIRE_THROWS_WITH(w.add<float>("v", adalora::vector_view<const float>(&v, 1), {big, 4}),
+                      Catch::Contains("2^63"));
+  // An unchecked view can claim any extents; rows × cols × 4 is checked before allocating.
+  const adalora::matrix_view<const float> huge(&v, big, 8, 8, 1);
+  REQUIRE_THROWS_WITH(w.add<float>("m", huge), Catch::Contains("'m'") && Catch::Contains("2^63"));
+  // A zero extent makes any shape empty, as the reader accepts it.
+  w.add_raw("z", st_dtype::F32, {0, big, big}, {});
+  const safetensors_file f(w.serialize());
+  REQUIRE(f.at("z").shape == std::vector<std::int64_t>{0, big, big});
+  REQUIRE(f.at("z").numel() == 0);
+}
+
+TEST_CASE("safetensors writer: names and metadata that are not UTF-8 are refused when added",
+          "[safetensors][hostile]") {
+  safetensors_writer w;
+  // nlohmann's type_error 316 escaped from serialize() without adalora's context.
+  REQUIRE_THROWS_AS(w.set_metadata("format", "\xff"), std::invalid_argument);
+  REQUIRE_THROWS_WITH(w.set_metadata("\xc3", "pt"),
+                      Catch::Contains("safetensors_writer::set_metadata") && Catch::Contains("UTF-8"));
+  REQUIRE_THROWS_WITH(w.add_raw("a\xe2\x82", st_dtype::U8, {1}, {std::byte{1}}),
+                      Catch::Contains("tensor name") && Catch::Contains("UTF-8"));
+  REQUIRE(safetensors_file(w.serialize()).tensors().empty());  // nothing was half-added
+  w.set_metadata("caf\xc3\xa9", "\xe2\x82\xac");
+  REQUIRE(safetensors_file(w.serialize()).metadata().at("caf\xc3\xa9") == "\xe2\x82\xac");
+}
+
+TEST_CASE("safetensors: a directory, a FIFO or a device is refused at once, naming the file",
+          "[safetensors][hostile]") {
+  const auto dir = test_dir();
+  const auto refused = [](const std::filesystem::path& p, const char* kind) {
+    REQUIRE_THROWS_AS(safetensors_file::read(p), std::runtime_error);
+    REQUIRE_THROWS_WITH(safetensors_file::read(p),
+                        Catch::Contains("adalora::safetensors_file::read: '" + p.string() + "'") &&
+                            Catch::Contains(kind));
+  };
+  refused(dir, "a directory");
+  const auto fifo = dir / "adalora_safetensors_test.fifo";
+  std::filesystem::remove(fifo);
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  refused(fifo, "FIFO");  // used to wait for a writer for ever
+  std::filesystem::remove(fifo);
+  refused("/dev/zero", "character device");  // used to read until memory ran out
+  refused(dir / "missing.safetensors", "cannot open");
+}
+
+TEST_CASE("safetensors writer: a write that fails half-way leaves the previous file intact",
+          "[safetensors][hostile]") {
+  const auto dir = test_dir() / "adalora_safetensors_atomic";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "adapter_model.safetensors";
+  safetensors_writer small;
+  const std::vector<float> one = {1};
+  small.add<float>("v", adalora::vector_view<const float>(one.data(), 1), {1});
+  small.write(path);
+  const std::string before = file_text(path);
+
+  safetensors_writer large;
+  const std::vector<float> many(4096, 2.0f);
+  large.add<float>("v", adalora::vector_view<const float>(many.data(), 4096), {4096});
+  // Files may grow to 1 KiB only: the write fails with EFBIG after the first KiB (the signal
+  // that would kill the process is ignored for the test).
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit small_limit = old;
+  small_limit.rlim_cur = 1024;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small_limit) == 0);
+  std::string error = "no error";
+  try {
+    large.write(path);
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  REQUIRE_THAT(error, Catch::Contains("adalora::safetensors_writer::write: '" + path.string() + "'") &&
+                          Catch::Contains("previous file is intact"));
+  REQUIRE(file_text(path) == before);
+  REQUIRE(std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()) == 1);
+  // A directory in the way is named.
+  REQUIRE_THROWS_WITH(large.write(dir),
+                      Catch::Contains("safetensors_writer::write") && Catch::Contains("a directory"));
+  std::filesystem::remove_all(dir);
 }

@@ -148,10 +148,16 @@ struct run_summary {
   bool valid = true;
 };
 
-/// 1 iff x is not finite and >= 0 (NaN fails both compares). Combined with a non-short-circuit
-/// & so that loops over it vectorise; && compiles to a branch per element.
+/// 1 iff x is not finite and >= 0 (NaN fails both compares), or with MayOverflow (a metric whose
+/// scores may exceed double's range, see metric.hpp) iff x is not >= 0: +inf is then a score
+/// beyond double. Combined with a non-short-circuit & so that loops over it vectorise; &&
+/// compiles to a branch per element.
+template <bool MayOverflow = false>
 ADALORA_INLINE unsigned invalid_score(double x) noexcept {
-  return (static_cast<unsigned>(x >= 0.0) & static_cast<unsigned>(x <= std::numeric_limits<double>::max())) ^ 1u;
+  if constexpr (MayOverflow)
+    return static_cast<unsigned>(x >= 0.0) ^ 1u;
+  else
+    return (static_cast<unsigned>(x >= 0.0) & static_cast<unsigned>(x <= std::numeric_limits<double>::max())) ^ 1u;
 }
 
 #if ADALORA_SENSITIVITY_SIMD
@@ -179,12 +185,14 @@ std::int64_t rescore(const smoothed_sensitivity& m, tensor_role role, const floa
 /// order (eight interleaved lanes over the full groups of eight, the rest in order, then a fixed
 /// tree: the same on every machine and for every thread count) without writing them anywhere. In check mode it
 /// only counts non-finite elements. One pass: each block of vector_block elements is checked,
-/// updated, summed and validated while it is in registers.
+/// updated, summed and validated while it is in registers. A sum of valid scores beyond
+/// double's range is +inf (never NaN: the scores are >= 0).
 template <score_pass Mode, score_sink Sink, class T, class Metric>
 run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_t sp, const T* g,
                       index_t sg, T* st, index_t n, double* out) {
   constexpr auto K = static_cast<index_t>(Metric::state_size);
   constexpr bool scores = Mode != score_pass::check;
+  constexpr bool may_overflow = scores_may_overflow<Metric>;
   metric_local<Metric> m = metric;
   run_summary r;
   double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -225,7 +233,7 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
       }
       if constexpr (scores) {
         ADALORA_VECTOR_LOOP
-        for (index_t l = 0; l < vector_block; ++l) invalid |= invalid_score(o[l]);
+        for (index_t l = 0; l < vector_block; ++l) invalid |= invalid_score<may_overflow>(o[l]);
         if constexpr (Sink == score_sink::sum)
           for (index_t h = 0; h < vector_block; h += 8)
             for (index_t l = 0; l < 8; ++l) lane[l] += o[h + l];
@@ -238,7 +246,7 @@ run_summary score_run(const Metric& metric, tensor_role role, const T* p, index_
     double* o = Sink == score_sink::store ? out + j : block;
     r.non_finite += score_each<Mode>(m, role, p + j * sp, sp, g + j * sg, sg, st + j * K, c, o);
     if constexpr (scores) {
-      for (index_t l = 0; l < c; ++l) invalid |= invalid_score(o[l]);
+      for (index_t l = 0; l < c; ++l) invalid |= invalid_score<may_overflow>(o[l]);
       if constexpr (Sink == score_sink::sum) {
         if (c == 8)
           for (index_t l = 0; l < 8; ++l) lane[l] += o[l];

@@ -20,31 +20,50 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <stdexcept>
 #include <thread>
 #include <vector>
+
+#include "adalora/config.hpp"
 
 namespace adalora::detail {
 
 class task_pool {
  public:
   using task_fn = void (*)(void* context, std::size_t task);
+  /// Called with k before worker k (1 to threads - 1) is started; a test makes it throw as
+  /// std::thread throws when the system refuses a thread. Null in production.
+  using start_hook = void (*)(unsigned worker);
 
-  /// A pool of `threads` threads in all: `threads - 1` workers plus the caller of run().
-  explicit task_pool(unsigned threads)
+  /// A pool of `threads` threads in all: `threads - 1` workers plus the caller of run(). If a
+  /// worker cannot be started (too many threads for the system's limits), the workers already
+  /// started are stopped and joined and std::runtime_error names `owner`, the worker and the
+  /// reason.
+  explicit task_pool(unsigned threads, const char* owner = "task_pool", start_hook before_start = nullptr)
       : homes_(std::make_unique<home[]>(threads > 1 ? threads : 1)), threads_(threads > 1 ? threads : 1) {
     workers_.reserve(threads_ - 1);
-    for (unsigned i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { work(i); });
+    for (unsigned i = 1; i < threads_; ++i) {
+      try {
+        if (before_start) before_start(i);
+        workers_.emplace_back([this, i] { work(i); });
+      } catch (const std::exception& e) {
+        // Unwinding with running workers would destroy what they wait on, and a joinable
+        // std::thread's destructor calls std::terminate.
+        stop_and_join();
+        throw std::runtime_error(concat(
+            "adalora::", owner, ": could not start worker thread ", i, " of ", threads_ - 1, " (",
+            e.what(), "); threads = ", threads_, " asks for ", threads_ - 1,
+            " workers besides the caller's thread, more than the system allows: ask for fewer (the ",
+            i - 1, " started were stopped and joined)"));
+      } catch (...) {
+        stop_and_join();
+        throw;
+      }
+    }
   }
   task_pool(const task_pool&) = delete;
   task_pool& operator=(const task_pool&) = delete;
-  ~task_pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
+  ~task_pool() { stop_and_join(); }
 
   unsigned threads() const noexcept { return threads_; }
 
@@ -84,6 +103,15 @@ class task_pool {
     std::atomic<std::size_t> next{0};
     std::size_t end = 0;
   };
+
+  void stop_and_join() noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
 
   void drain(unsigned self) noexcept {
     for (unsigned step = 0; step < threads_; ++step) {  // home first, then the others in turn

@@ -21,6 +21,10 @@
 // allocator ranks in double). Scores must be finite and >= 0; the triplet score combines them
 // (see rank_allocator.hpp). The allocator only calls update() with finite param and grad.
 // Optional: `void begin_step(std::int64_t step)` is called once before each update pass.
+// Optional: `static constexpr bool scores_may_overflow = true` declares that a score may exceed
+// double's range for finite input and state (a product of two large state values, as Ī·Ū in
+// double): its +inf then stands for such a score and ranks above every finite one, as torch
+// ranks it. Without it, +inf breaks the contract like NaN does.
 
 #include <concepts>
 #include <cstddef>
@@ -53,6 +57,18 @@ concept has_score = has_state_size<M> && requires(const M& m, tensor_role role, 
 };
 template <class M>
 concept has_begin_step = requires(M& m, std::int64_t t) { m.begin_step(t); };
+template <class M>
+concept declares_overflow = requires {
+  { M::scores_may_overflow } -> std::convertible_to<bool>;
+};
+/// True iff M declares scores_may_overflow = true (see the requirements above).
+template <class M>
+inline constexpr bool scores_may_overflow = [] {
+  if constexpr (declares_overflow<M>)
+    return static_cast<bool>(M::scores_may_overflow);
+  else
+    return false;
+}();
 }  // namespace detail
 
 /// M scores elements of type T; see the requirements at the top of this header.

@@ -26,7 +26,9 @@ namespace adalora {
 /// bias correction. State: {Ī, Ū}, zero at the start.
 /// The score Ī·Ū is returned in double: for float the product of two floats is exact in double
 /// (so rounding it to float gives torch's float product bit for bit), and it cannot overflow
-/// where torch's float score would (|w·∇w| beyond ~1.8e19 squares past FLT_MAX).
+/// where torch's float score would (|w·∇w| beyond ~1.8e19 squares past FLT_MAX). For double it
+/// can (Ī, Ū beyond ~1.3e154): it is +inf then, as torch's float64 score, and the allocator
+/// ranks it above every finite score (scores_may_overflow); the state itself stays finite.
 struct smoothed_sensitivity {
   struct options {
     double beta1 = 0.85;  ///< sensitivity EMA, in (0, 1)
@@ -34,6 +36,7 @@ struct smoothed_sensitivity {
   };
 
   static constexpr std::size_t state_size = 2;
+  static constexpr bool scores_may_overflow = true;
 
   smoothed_sensitivity() : smoothed_sensitivity(options{}) {}
   explicit smoothed_sensitivity(const options& o)

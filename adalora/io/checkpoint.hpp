@@ -16,14 +16,23 @@
 // order, strings are a u32 length and UTF-8 bytes. A reader refuses versions newer than its own.
 //
 // Guarantees:
-//  * save_checkpoint(path) is atomic: it writes <path>.tmp.<pid>.<n>, fsyncs it, and renames it
-//    over <path>, so a crash or a full disk in the middle leaves the previous checkpoint intact;
-//    on a reported failure the temporary file is removed (after a crash it may remain: it is never
-//    read, and is safe to delete).
+//  * save_checkpoint(path) is atomic (adalora/io/file_io.hpp): it writes a new temporary file
+//    next to <path> (created exclusively, never through a symbolic link, with a name nobody can
+//    predict), fsyncs it, and renames it over <path>, so a crash or a full disk in the middle
+//    leaves the previous checkpoint intact; on a reported failure, a throwing callback included,
+//    the temporary file is removed (after a crash it may remain: it is never read, and is safe to
+//    delete).
+//  * reading a file refuses what is not a regular file (a directory, a FIFO, /dev/zero) before
+//    reading a byte; load_checkpoint and read_checkpoint read at most the size that a checkpoint
+//    of their allocator can have.
 //  * loading never reads outside the bytes it has, and parses and validates everything (header,
 //    checksums, every count against the bytes present, every value's range, and the whole
 //    configuration against the allocator's) into temporaries before rank_allocator::restore(),
 //    which is all-or-nothing: on any checkpoint_error the allocator is unchanged.
+//  * read_checkpoint_config refuses shapes that would make an allocator need more memory than the
+//    file's bytes back (checkpoint_limits): a few hundred bytes cannot ask for gigabytes.
+//  * errors are checkpoint_error with the function and the file in front, also when memory runs
+//    out (std::bad_alloc) or a size is beyond what a vector holds (std::length_error).
 //  * the element type, the adapters' names and shapes, the schedule and metric (tag and options)
 //    and the allocator options (final_phase, tie_policy, non_finite_policy) must match the
 //    allocator's; `threads` may differ (results do not depend on it), so a run may resume on a
@@ -33,27 +42,23 @@
 // own mutable members (anything a begin_step() changes) are not saved: traits encode options
 // that are fixed at construction.
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <bit>
-#include <cerrno>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
-#include <fstream>
-#include <functional>
+#include <istream>
 #include <limits>
+#include <map>
+#include <new>
+#include <ostream>
 #include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -63,6 +68,7 @@
 #include "adalora/importance/magnitude.hpp"
 #include "adalora/importance/sensitivity.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
+#include "adalora/io/file_io.hpp"
 #include "adalora/rank_allocator.hpp"
 
 namespace adalora {
@@ -806,12 +812,20 @@ void match(const image<T>& im, const rank_allocator<T, M, S, C>& alloc) {
 }
 
 /// Runs f(); a checkpoint_error gets `context` ("adalora::load_checkpoint: 'path': ") in front.
+/// Running out of memory, or a size beyond what a vector holds, becomes checkpoint_error(io)
+/// with the same context: a bare std::bad_alloc would not say which file or call it was.
 template <class F>
 decltype(auto) with_context(const std::string& context, F&& f) {
   try {
     return std::forward<F>(f)();
   } catch (const checkpoint_error& e) {
     throw checkpoint_error(e.error_kind(), context + e.what());
+  } catch (const std::bad_alloc&) {
+    throw checkpoint_error(checkpoint_error::kind::io, context + "out of memory (std::bad_alloc)");
+  } catch (const std::length_error& e) {
+    throw checkpoint_error(checkpoint_error::kind::io,
+                           concat(context, "a size is beyond what memory can hold (std::length_error: ",
+                                  e.what(), ")"));
   }
 }
 
@@ -819,21 +833,44 @@ inline std::string source(const char* fn, const std::string& path) {
   return concat("adalora::", fn, ": '", path, "': ");
 }
 
-inline std::vector<std::uint8_t> read_all(std::istream& in) {
+/// The stream to its end, but no more than max_bytes: a longer stream is refused once it has
+/// passed them (an endless one must not fill memory).
+inline std::vector<std::uint8_t> read_all(std::istream& in, std::uint64_t max_bytes) {
   std::vector<std::uint8_t> bytes;
   char buf[1 << 16];
-  while (in.read(buf, sizeof buf) || in.gcount() > 0)
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
     bytes.insert(bytes.end(), buf, buf + in.gcount());
+    if (bytes.size() > max_bytes)
+      fail(checkpoint_error::kind::io, "it has more than ", max_bytes,
+           " bytes, the most a checkpoint of this allocator can have");
+  }
   if (in.bad()) fail(checkpoint_error::kind::io, "reading failed");
   return bytes;
 }
 
-inline std::vector<std::uint8_t> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    fail(checkpoint_error::kind::io, "cannot open it for reading (",
-         std::system_category().message(errno), ")");
-  return read_all(in);
+/// The regular file at `path`, at most max_bytes long; anything else (a directory, a FIFO, a
+/// device) is refused before a byte is read (adalora/io/file_io.hpp).
+inline std::vector<std::uint8_t> read_file(const std::string& path,
+                                           std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max()) {
+  try {
+    return read_regular_file<std::uint8_t>(path, max_bytes);
+  } catch (const detail::file_io::failure& e) {
+    fail(checkpoint_error::kind::io, e.what());
+  }
+}
+
+/// More bytes than any checkpoint that loads into `alloc` can have: its own checkpoint, with
+/// room for the longest writer string and to spare. A longer file or stream is refused before
+/// it is read in full.
+template <class T, class M, class S, class C>
+std::uint64_t max_loadable_size(const rank_allocator<T, M, S, C>& alloc) {
+  const auto st = alloc.resumable();
+  std::uint64_t n = 4096 + st.metric_state.size() * sizeof(T) + st.kept.size() * 9;
+  for (const adapter_shape& s : alloc.shapes()) n += 128 + s.name.size();
+  checkpoint_writer w;
+  checkpoint_traits<S>::encode(alloc.schedule(), w);
+  checkpoint_traits<M>::encode(alloc.metric(), w);
+  return n + w.data().size();
 }
 
 /// The checkpoint of an allocator. Refuses what load would refuse, because a file that cannot
@@ -905,78 +942,37 @@ void write_checkpoint(const rank_allocator<T, M, S, C>& alloc, std::ostream& out
   });
 }
 
-/// Reads a checkpoint from a stream (to its end) into `alloc`; as load_checkpoint_bytes.
+/// Reads a checkpoint from a stream (to its end) into `alloc`; as load_checkpoint_bytes. A
+/// stream longer than any checkpoint of `alloc` is refused once it has passed that size.
 template <class T, class M, class S, class C>
 void read_checkpoint(rank_allocator<T, M, S, C>& alloc, std::istream& in) {
   static_assert(detail::check_checkpointable<M, S>());
   const std::string context = "adalora::read_checkpoint: stream: ";
-  const auto bytes = detail::ckpt::with_context(context, [&] { return detail::ckpt::read_all(in); });
+  const auto bytes = detail::ckpt::with_context(
+      context, [&] { return detail::ckpt::read_all(in, detail::ckpt::max_loadable_size(alloc)); });
   detail::ckpt::load_into(alloc, bytes, context);
 }
 
 /// The system calls save_checkpoint makes, replaceable to inject failures in tests (or to count
-/// bytes). Empty members mean the POSIX call. Each returns what the POSIX call returns and sets
-/// errno on failure.
-struct checkpoint_file_ops {
-  std::function<long(int fd, const std::uint8_t* data, std::size_t size)> write;
-  std::function<int(int fd)> fsync;
-  std::function<int(const char* from, const char* to)> rename;
-};
+/// bytes): adalora::file_write_ops (adalora/io/file_io.hpp). Empty members mean the POSIX call;
+/// each returns what the POSIX call returns and sets errno on failure, or throws.
+using checkpoint_file_ops = file_write_ops;
 
 namespace detail::ckpt {
 
-/// Writes bytes to <path>.tmp.<pid>.<n>, fsyncs and renames it over path, then fsyncs the
-/// directory (best effort: the new file is in place whatever that says). On failure the
-/// temporary file is removed and path is untouched.
-inline void write_file_atomically(const std::string& path, std::span<const std::uint8_t> bytes,
-                                  const checkpoint_file_ops& ops) {
-  using k = checkpoint_error::kind;
-  static std::atomic<unsigned long> counter{0};
-  // pid: processes sharing a directory; counter: threads of this process saving the same path.
-  const std::string tmp = concat(path, ".tmp.", ::getpid(), ".", counter++);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0)
-    fail(k::io, "cannot create the temporary file '", tmp, "' (",
-         std::system_category().message(errno), ")");
-  auto give_up = [&](const char* what) {
-    const int err = errno;
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    fail(k::io, what, " the temporary file '", tmp, "' failed (", std::system_category().message(err),
-         "); the previous checkpoint is intact");
-  };
-  std::size_t done = 0;
-  while (done < bytes.size()) {
-    const std::size_t chunk = std::min<std::size_t>(bytes.size() - done, std::size_t{1} << 30);
-    const long n = ops.write ? ops.write(fd, bytes.data() + done, chunk)
-                             : static_cast<long>(::write(fd, bytes.data() + done, chunk));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      if (n == 0) errno = EIO;  // no progress and no error: treat as a failed write
-      give_up("writing");
-    }
-    done += static_cast<std::size_t>(n);
-  }
-  if ((ops.fsync ? ops.fsync(fd) : ::fsync(fd)) != 0) give_up("syncing");
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(k::io, "closing the temporary file '", tmp, "' failed (", std::system_category().message(err),
-         "); the previous checkpoint is intact");
-  }
-  if ((ops.rename ? ops.rename(tmp.c_str(), path.c_str()) : std::rename(tmp.c_str(), path.c_str())) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(k::io, "renaming '", tmp, "' over it failed (", std::system_category().message(err),
-         "); the previous checkpoint is intact");
-  }
-  // Make the rename itself durable (POSIX: a rename is in the directory's data).
-  const std::string::size_type slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
+/// adalora::write_file_atomically, its failures as checkpoint_error(io).
+inline void write_file(const std::string& path, std::span<const std::uint8_t> bytes,
+                      const checkpoint_file_ops& ops) {
+  if (path.empty()) fail(checkpoint_error::kind::io, "the path is empty; nothing was written");
+  try {
+    adalora::write_file_atomically(path, bytes, ops);
+  } catch (const detail::file_io::failure& e) {
+    // The shared writer speaks of "the previous file"; here it is a checkpoint.
+    std::string message = e.what();
+    constexpr std::string_view file = "the previous file is intact";
+    if (message.ends_with(file))
+      message.replace(message.size() - file.size(), file.size(), "the previous checkpoint is intact");
+    fail(checkpoint_error::kind::io, message);
   }
 }
 
@@ -990,17 +986,19 @@ void save_checkpoint(const rank_allocator<T, M, S, C>& alloc, const std::string&
                      const checkpoint_file_ops& ops = {}) {
   static_assert(detail::check_checkpointable<M, S>());
   detail::ckpt::with_context(detail::ckpt::source("save_checkpoint", path), [&] {
-    detail::ckpt::write_file_atomically(path, detail::ckpt::encode_allocator(alloc), ops);
+    detail::ckpt::write_file(path, detail::ckpt::encode_allocator(alloc), ops);
   });
 }
 
 /// Restores `alloc` from the checkpoint file at `path`. Throws checkpoint_error naming the file
-/// and what is wrong; the allocator is then unchanged.
+/// and what is wrong; the allocator is then unchanged. Refuses, before reading, what is not a
+/// regular file and a file longer than any checkpoint of `alloc` can be.
 template <class T, class M, class S, class C>
 void load_checkpoint(rank_allocator<T, M, S, C>& alloc, const std::string& path) {
   static_assert(detail::check_checkpointable<M, S>());
   const std::string context = detail::ckpt::source("load_checkpoint", path);
-  const auto bytes = detail::ckpt::with_context(context, [&] { return detail::ckpt::read_file(path); });
+  const auto bytes = detail::ckpt::with_context(
+      context, [&] { return detail::ckpt::read_file(path, detail::ckpt::max_loadable_size(alloc)); });
   detail::ckpt::load_into(alloc, bytes, context);
 }
 
@@ -1020,10 +1018,72 @@ struct checkpoint_config {
   allocator_options options;
 };
 
+/// What read_checkpoint_config lets a file make the library allocate. The shapes a file declares
+/// size the allocator built from them, and only part of that memory is backed by the file's own
+/// bytes: the metric state of the slice this process holds is, but the block sums of every
+/// triplet's row of A and column of B (one per 256 of the WHOLE adapter's in_features and
+/// out_features, held or not) are not, nor, for a stateless metric (K = 0), anything that
+/// follows the slice's size. A configuration whose allocator would need more than 16 bytes per
+/// byte of the file plus `max_unbacked_bytes` is refused with checkpoint_error(malformed),
+/// naming the adapter. Legitimate checkpoints stay far below (a LLaMA-70B-sized run, every
+/// linear layer adapted at rank 12, needs under 8 MiB of block sums); raise max_unbacked_bytes
+/// for a checkpoint you trust whose shapes are larger.
+struct checkpoint_limits {
+  std::uint64_t max_unbacked_bytes = std::uint64_t{64} << 20;
+};
+
 namespace detail::ckpt {
 
+/// Bytes of allocator that a byte of checkpoint backs: a state value takes as many bytes in the
+/// file as in the allocator, which adds its scores, sums and tasks (a few times the file at most).
+inline constexpr std::uint64_t backed_per_byte = 16;
+
+/// About how many bytes an allocator's constructor allocates for adapter `s` (rank_allocator.hpp
+/// sizes them from the shapes), in long double so that no value of a hostile file overflows it:
+/// the metric state of the slice held; per triplet of the whole adapter its scores, mask and
+/// selection scratch (33 bytes) and the block sums of its row of A and column of B; the tasks
+/// planned over the slice held (at most one per row of A, one for E, one per 256 rows of B);
+/// the adapter's own records.
+template <class T>
+long double allocator_bytes(const adapter_shape& s, std::uint32_t state_size) {
+  const auto ld = [](auto v) { return static_cast<long double>(v); };
+  const auto blocks = [&](index_t n) { return std::ceil(ld(n) / ld(rank_allocator<T>::sum_block)); };
+  const adapter_shard& h = s.shard;
+  long double bytes = ld(h.triplet_count) * (ld(h.in_count) + 1 + ld(h.out_count)) * ld(state_size) * ld(sizeof(T));
+  bytes += ld(s.rank) * (33 + 8 * (blocks(s.in_features) + blocks(s.out_features)));
+  if (h.triplet_count > 0) bytes += 96 * (ld(h.triplet_count) + 2 + blocks(h.out_count));
+  return bytes + 256 + ld(s.name.size());
+}
+
+/// Throws checkpoint_error(malformed) if an allocator of the image's configuration needs more
+/// memory than `file_size` bytes back under `limits` (see checkpoint_limits).
+template <class T>
+void check_backed(const image<T>& im, std::size_t file_size, const checkpoint_limits& limits) {
+  const auto ld = [](auto v) { return static_cast<long double>(v); };
+  const long double allowed = ld(file_size) * ld(backed_per_byte) + ld(limits.max_unbacked_bytes);
+  long double need = 1024 + 8 * ld(im.options.threads);  // the allocator itself, a split per thread
+  for (std::size_t a = 0; a < im.shapes.size(); ++a) {
+    const adapter_shape& s = im.shapes[a];
+    need += allocator_bytes<T>(s, im.metric_state_size);
+    if (need <= allowed) continue;
+    const adapter_shard& h = s.shard;
+    const auto whole = [](long double v) {  // for the message: an integer, saturated
+      return static_cast<std::uint64_t>(std::min(v, 1.8e19L));
+    };
+    fail(checkpoint_error::kind::malformed, "adapter ", a, " ('", s.name, "') has in_features ",
+         s.in_features, ", out_features ", s.out_features, " and rank ", s.rank,
+         " (this process holds triplets [", h.triplet_begin, ", +", h.triplet_count, "), in [",
+         h.in_begin, ", +", h.in_count, "), out [", h.out_begin, ", +", h.out_count,
+         ")): with the adapters before it, an allocator of this configuration would need about ",
+         whole(need), " bytes, more than its ", file_size, " bytes back (", backed_per_byte,
+         " per byte, plus checkpoint_limits::max_unbacked_bytes = ", limits.max_unbacked_bytes,
+         "); raise that limit if you trust the checkpoint and expect these shapes");
+  }
+}
+
 template <class T, class Metric, class Schedule>
-checkpoint_config<Metric, Schedule> config_of(std::span<const std::uint8_t> bytes) {
+checkpoint_config<Metric, Schedule> config_of(std::span<const std::uint8_t> bytes,
+                                              const checkpoint_limits& limits) {
   using k = checkpoint_error::kind;
   image<T> im = parse<T>(bytes);
   if (im.schedule_tag != checkpoint_traits<Schedule>::tag)
@@ -1035,6 +1095,14 @@ checkpoint_config<Metric, Schedule> config_of(std::span<const std::uint8_t> byte
          "' with ", Metric::state_size);
   Schedule schedule = decode_options<Schedule>(im.schedule_options, "schedule");
   Metric metric = decode_options<Metric>(im.metric_options, "importance metric");
+  // What the allocator's constructor refuses, so that a configuration that reads constructs.
+  std::map<std::string_view, std::size_t> names;
+  for (std::size_t a = 0; a < im.shapes.size(); ++a) {
+    const std::string& name = im.shapes[a].name;
+    if (name.empty()) fail(k::malformed, "adapter ", a, " has an empty name");
+    if (const auto [it, fresh] = names.emplace(name, a); !fresh)
+      fail(k::malformed, "adapters ", it->second, " and ", a, " have the same name '", name, "'");
+  }
   std::int64_t b0 = 0;
   for (const adapter_shape& s : im.shapes) b0 += s.rank;  // bounded by parse()
   if (schedule.initial_budget() != b0)
@@ -1043,28 +1111,32 @@ checkpoint_config<Metric, Schedule> config_of(std::span<const std::uint8_t> byte
   if (im.force_masked && im.last_step < schedule.final_phase_start())
     fail(k::malformed, "the final-phase flag is set at step ", im.last_step,
          ", before the final phase starts (step ", schedule.final_phase_start(), ")");
+  check_backed(im, bytes.size(), limits);
   return {std::move(im.shapes), std::move(schedule), std::move(metric), im.options};
 }
 
 }  // namespace detail::ckpt
 
 /// Reads the configuration from checkpoint bytes. Throws checkpoint_error as
-/// load_checkpoint_bytes does, and checkpoint_error(mismatch) if the checkpoint's element type,
-/// schedule or metric type is not T, Schedule, Metric.
+/// load_checkpoint_bytes does, checkpoint_error(mismatch) if the checkpoint's element type,
+/// schedule or metric type is not T, Schedule, Metric, and checkpoint_error(malformed) if its
+/// shapes would make the allocator need more memory than the bytes back (checkpoint_limits).
 template <class T, class Metric = smoothed_sensitivity, class Schedule = cubic_schedule>
-checkpoint_config<Metric, Schedule> read_checkpoint_config_bytes(std::span<const std::uint8_t> bytes) {
+checkpoint_config<Metric, Schedule> read_checkpoint_config_bytes(std::span<const std::uint8_t> bytes,
+                                                                 const checkpoint_limits& limits = {}) {
   static_assert(detail::check_checkpointable<Metric, Schedule>());
   return detail::ckpt::with_context("adalora::read_checkpoint_config: bytes: ", [&] {
-    return detail::ckpt::config_of<T, Metric, Schedule>(bytes);
+    return detail::ckpt::config_of<T, Metric, Schedule>(bytes, limits);
   });
 }
 
-/// read_checkpoint_config_bytes of the file at `path`.
+/// read_checkpoint_config_bytes of the file at `path`, which must be a regular file.
 template <class T, class Metric = smoothed_sensitivity, class Schedule = cubic_schedule>
-checkpoint_config<Metric, Schedule> read_checkpoint_config(const std::string& path) {
+checkpoint_config<Metric, Schedule> read_checkpoint_config(const std::string& path,
+                                                           const checkpoint_limits& limits = {}) {
   static_assert(detail::check_checkpointable<Metric, Schedule>());
   return detail::ckpt::with_context(detail::ckpt::source("read_checkpoint_config", path), [&] {
-    return detail::ckpt::config_of<T, Metric, Schedule>(detail::ckpt::read_file(path));
+    return detail::ckpt::config_of<T, Metric, Schedule>(detail::ckpt::read_file(path), limits);
   });
 }
 

@@ -15,10 +15,20 @@
 //     target_modules, ..., and rank_pattern {"<module path>.lora_E": [bool × init_r]} (null if no
 //     mask has happened yet).
 // On load PEFT builds every module at init_r, then resize_modules_by_rank_pattern re-creates it
-// at rank sum(pattern) and copies the OLD ranknum (= init_r) back, so scaling / (ranknum + 1e-5)
-// is unchanged and the resized adapter computes exactly what the masked one did. Importing here
-// does the same: each module becomes an svd_adapter<T> of rank `kept` whose adapter_scale keeps
-// r_init = init_r.
+// at rank sum(pattern) and copies the OLD ranknum (= init_r) back (when the kept rank is > 0),
+// so the denominator ranknum + 1e-5 is unchanged. The re-creation also recomputes
+// scaling = lora_alpha if lora_alpha > 0 else r with r the KEPT rank, so with lora_alpha = 0 a
+// resized module computes kept / init_r of what its masked twin did. Therefore:
+//   * exporting writes the lora_alpha that makes PEFT's rule give adalora's scaling: lora_alpha
+//     itself when > 0, init_r when 0 (adalora's rule for 0 is scaling = init_r, also after
+//     resize); see peft_alpha_for();
+//   * importing applies PEFT's rule: with lora_alpha = 0 a module of the rank_pattern gets
+//     scaling = its kept rank, any other scaling = init_r; ranknum stays init_r. Each module
+//     becomes an svd_adapter<T> of rank `kept` whose adapter_scale keeps r_init = init_r, and
+//     it computes what PEFT's loaded module computes;
+//   * target_modules, unless the config names its own, is written as one regular expression
+//     that PEFT matches in full against each module path (re.fullmatch) and that matches
+//     exactly the saved modules, so that PEFT wraps no other layer that shares their names.
 //
 // Depends on nlohmann/json; the core never includes this header.
 
@@ -28,7 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
+#include <limits>
 #include <optional>
 #include <set>
 #include <span>
@@ -40,6 +50,8 @@
 #include <vector>
 
 #include "adalora/config.hpp"
+#include "adalora/io/file_io.hpp"
+#include "adalora/io/json_limits.hpp"
 #include "adalora/io/rank_pattern_json.hpp"
 #include "adalora/io/safetensors.hpp"
 #include "adalora/matrix_view.hpp"
@@ -68,11 +80,18 @@ struct peft_adalora_config {
   double beta2 = 0.85;           ///< uncertainty EMA
   double orth_reg_weight = 0.5;  ///< regularizer weight
   std::int64_t total_step = 0;   ///< T; PEFT requires > 0
-  double lora_alpha = 8;         ///< scaling = lora_alpha (> 0) or init_r (0)
+  /// adalora's rule: scaling = lora_alpha (> 0) or init_r (0), for every module, resized or
+  /// not. PEFT's rule differs for 0 after a resize (see the header comment); the writer and the
+  /// reader translate.
+  double lora_alpha = 8;
   double lora_dropout = 0;
-  /// Module names PEFT matched (the last component of each module path). Left empty, the
-  /// writer fills it from the module paths.
+  /// PEFT's "target_modules" as a list of names (PEFT matches a module whose path equals a name
+  /// or ends with "." + name). Left empty (and target_modules_regex unset), the writer writes a
+  /// regular expression that matches exactly the saved modules' paths.
   std::vector<std::string> target_modules;
+  /// PEFT's other form of "target_modules": one regular expression a module path must match in
+  /// full. Set when a config that has it is read; written instead of target_modules.
+  std::optional<std::string> target_modules_regex;
   /// "rank_pattern": the kept flags of every module (names are module paths, without
   /// ".lora_E"); absent (JSON null) before the first mask event.
   std::optional<rank_pattern> pattern;
@@ -151,18 +170,35 @@ inline void validate_config(const peft_adalora_config& c, const char* where) {
                       " flags, got ", e.kept.size());
 }
 
-/// A JSON number as an integer: PEFT writes ints, but a float with an integral value is fine.
-inline std::int64_t get_int(const nlohmann::json& j, const char* field, const std::string& file) {
-  ADALORA_REQUIRE(j.is_number() && (!j.is_number_float() || std::floor(j.get<double>()) == j.get<double>()),
-                  "read_peft_config", "'", file, "': \"", field, "\" must be an integer, got ",
-                  j.dump());
-  return j.is_number_float() ? static_cast<std::int64_t>(j.get<double>()) : j.get<std::int64_t>();
+/// A JSON number as an int64: PEFT writes ints, but a float with an integral value is fine.
+/// The range is checked before converting (a double beyond int64 would be undefined behaviour).
+template <class Json>
+std::int64_t get_int(const Json& j, const char* field, const std::string& file) {
+  auto refuse = [&](const char* why) {
+    throw std::invalid_argument(detail::concat("adalora::read_peft_config: '", file, "': \"", field,
+                                               "\" must be ", why, ", got ", json_excerpt(j)));
+  };
+  if (j.is_number_integer() && !j.is_number_unsigned()) return j.template get<std::int64_t>();
+  if (j.is_number_unsigned()) {
+    const auto u = j.template get<std::uint64_t>();
+    if (u > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      refuse("an integer in the range of a 64-bit signed integer");
+    return static_cast<std::int64_t>(u);
+  }
+  if (!j.is_number_float()) refuse("an integer");
+  const double d = j.template get<double>();
+  if (!std::isfinite(d) || std::floor(d) != d) refuse("an integer");
+  // [-2^63, 2^63): both bounds are exact doubles.
+  if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
+    refuse("an integer in the range of a 64-bit signed integer");
+  return static_cast<std::int64_t>(d);
 }
 
-inline double get_number(const nlohmann::json& j, const char* field, const std::string& file) {
+template <class Json>
+double get_number(const Json& j, const char* field, const std::string& file) {
   ADALORA_REQUIRE(j.is_number(), "read_peft_config", "'", file, "': \"", field,
-                  "\" must be a number, got ", j.dump());
-  return j.get<double>();
+                  "\" must be a number, got ", json_excerpt(j));
+  return j.template get<double>();
 }
 
 /// lora_alpha is an int in PEFT's dataclass; write it as one when it is integral.
@@ -171,18 +207,27 @@ inline nlohmann::json number_json(double v) {
   return v;
 }
 
-/// The last component of a module path ("model.layers.0.q_proj" -> "q_proj").
-inline std::string last_component(const std::string& path) {
-  const auto dot = path.rfind('.');
-  return dot == std::string::npos ? path : path.substr(dot + 1);
+/// A regular expression that Python's re.fullmatch (PEFT's test for a string target_modules)
+/// matches against exactly these module paths: the paths, every character that is not a
+/// letter, digit or '_' escaped with a backslash (a literal in Python's syntax), joined by '|'.
+inline std::string exact_paths_regex(const std::vector<std::string>& paths) {
+  std::string re;
+  for (std::size_t i = 0; i < paths.size(); ++i) {
+    if (i) re += '|';
+    for (const char ch : paths[i]) {
+      const auto u = static_cast<unsigned char>(ch);
+      const bool plain = (u >= 'a' && u <= 'z') || (u >= 'A' && u <= 'Z') ||
+                         (u >= '0' && u <= '9') || u == '_' || u >= 0x80;
+      if (!plain) re += '\\';
+      re += ch;
+    }
+  }
+  return re;
 }
 
-}  // namespace detail::peft
-
-/// adapter_config.json's content for `config` (sorted keys, as PEFT writes it).
-inline nlohmann::json to_peft_config_json(const peft_adalora_config& config,
-                                          const std::vector<std::string>& module_paths = {}) {
-  detail::peft::validate_config(config, "to_peft_config_json");
+/// adapter_config.json's content, with `alpha` written as lora_alpha.
+inline nlohmann::json config_json(const peft_adalora_config& config,
+                                  const std::vector<std::string>& module_paths, double alpha) {
   nlohmann::json j = config.other.is_object() ? config.other : nlohmann::json::object();
   j["peft_type"] = "ADALORA";
   j["init_r"] = config.init_r;
@@ -194,15 +239,16 @@ inline nlohmann::json to_peft_config_json(const peft_adalora_config& config,
   j["beta2"] = config.beta2;
   j["orth_reg_weight"] = config.orth_reg_weight;
   j["total_step"] = config.total_step;
-  j["lora_alpha"] = detail::peft::number_json(config.lora_alpha);
+  j["lora_alpha"] = number_json(alpha);
   j["lora_dropout"] = config.lora_dropout;
-  std::vector<std::string> targets = config.target_modules;
-  if (targets.empty()) {
-    std::set<std::string> unique;
-    for (const auto& p : module_paths) unique.insert(detail::peft::last_component(p));
-    targets.assign(unique.begin(), unique.end());
-  }
-  j["target_modules"] = targets;
+  if (config.target_modules_regex)
+    j["target_modules"] = *config.target_modules_regex;
+  else if (!config.target_modules.empty())
+    j["target_modules"] = config.target_modules;
+  else if (!module_paths.empty())
+    j["target_modules"] = exact_paths_regex(module_paths);
+  else  // an empty expression would match the model's root module ("")
+    j["target_modules"] = nlohmann::json::array();
   if (config.pattern) {
     nlohmann::json rp = nlohmann::json::object();
     for (const auto& e : config.pattern->entries()) rp[e.name + ".lora_E"] = e.kept;
@@ -224,24 +270,59 @@ inline nlohmann::json to_peft_config_json(const peft_adalora_config& config,
   return j;
 }
 
+/// The scale PEFT gives a module after loading (see the header comment): lora_alpha if > 0;
+/// otherwise its kept rank if the rank_pattern resizes it (`kept` >= 0), init_r if not (-1).
+template <class T>
+adapter_scale<T> peft_loaded_scale(double lora_alpha, std::int64_t init_r, std::int64_t kept) {
+  if (lora_alpha > 0 || kept < 0) return adapter_scale<T>(lora_alpha, init_r);
+  // A module resized to rank 0 adds nothing whatever its scale.
+  return adapter_scale<T>(static_cast<double>(kept), init_r);
+}
+
+}  // namespace detail::peft
+
+/// The lora_alpha to write into adapter_config.json so that PEFT, applying its own rule on load,
+/// gives every module the scaling adalora gives it under `config`: config.lora_alpha when > 0,
+/// init_r when 0 (PEFT would otherwise scale a module resized to k kept triplets by k / init_r).
+inline double peft_alpha_for(const peft_adalora_config& config) {
+  return config.lora_alpha > 0 ? config.lora_alpha : static_cast<double>(config.init_r);
+}
+
+/// adapter_config.json's content for `config` (sorted keys, as PEFT writes it), for the
+/// modules `module_paths`. lora_alpha is written as peft_alpha_for(config); target_modules as
+/// the config has it, or else a regular expression that matches exactly `module_paths`.
+inline nlohmann::json to_peft_config_json(const peft_adalora_config& config,
+                                          const std::vector<std::string>& module_paths = {}) {
+  detail::peft::validate_config(config, "to_peft_config_json");
+  return detail::peft::config_json(config, module_paths, peft_alpha_for(config));
+}
+
 /// Reads adapter_config.json's content. Throws std::invalid_argument unless peft_type is
-/// "ADALORA" and the AdaLoRA fields present have the right types; fields missing take PEFT's
-/// defaults. Fields this struct does not model go to `other`.
-inline peft_adalora_config peft_config_from_json(const nlohmann::json& j,
-                                                 const std::string& file = "adapter_config.json") {
+/// "ADALORA" and the AdaLoRA fields present have the right types and ranges; fields missing take
+/// PEFT's defaults. Fields this struct does not model go to `other`. Json is nlohmann::json or
+/// nlohmann::ordered_json; with ordered_json (what read_peft_config parses) the rank_pattern
+/// keeps the file's order. A value nested deeper than max_json_depth is refused.
+template <class Json>
+peft_adalora_config peft_config_from_json(const Json& j,
+                                          const std::string& file = "adapter_config.json") {
   constexpr const char* where = "read_peft_config";
+  // Deeper values would overflow the stack where they are copied or printed.
+  const std::size_t depth = detail::json_io::depth(j);
+  ADALORA_REQUIRE(depth <= max_json_depth, where, "'", file, "' nests arrays and objects ", depth,
+                  " levels deep, more than the ", max_json_depth, " adalora reads");
   ADALORA_REQUIRE(j.is_object(), where, "'", file, "' must hold a JSON object, got ",
                   j.type_name());
-  ADALORA_REQUIRE(j.contains("peft_type") && j["peft_type"] == "ADALORA", where, "'", file,
+  const auto peft_type = j.find("peft_type");
+  ADALORA_REQUIRE(peft_type != j.end() && *peft_type == "ADALORA", where, "'", file,
                   "' must have \"peft_type\": \"ADALORA\", got ",
-                  j.contains("peft_type") ? j["peft_type"].dump() : std::string("none"));
+                  peft_type != j.end() ? json_excerpt(*peft_type) : std::string("none"));
   peft_adalora_config c;
   c.other = nlohmann::json::object();
   using detail::peft::get_int;
   using detail::peft::get_number;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
-    const nlohmann::json& v = it.value();
+    const Json& v = it.value();
     if (k == "peft_type") continue;
     if (k == "init_r") c.init_r = get_int(v, "init_r", file);
     else if (k == "target_r") c.target_r = get_int(v, "target_r", file);
@@ -255,21 +336,21 @@ inline peft_adalora_config peft_config_from_json(const nlohmann::json& j,
     else if (k == "lora_alpha") c.lora_alpha = get_number(v, "lora_alpha", file);
     else if (k == "lora_dropout") c.lora_dropout = get_number(v, "lora_dropout", file);
     else if (k == "base_model_name_or_path")
-      c.base_model_name_or_path = v.is_string() ? v.get<std::string>() : std::string();
+      c.base_model_name_or_path = v.is_string() ? v.template get<std::string>() : std::string();
     else if (k == "target_modules") {
-      // PEFT allows a list of names or one regex string.
+      // PEFT allows a list of names or one regular expression.
       if (v.is_string()) {
-        c.target_modules = {v.get<std::string>()};
+        c.target_modules_regex = v.template get<std::string>();
       } else if (v.is_array()) {
         for (const auto& s : v) {
           ADALORA_REQUIRE(s.is_string(), where, "'", file,
-                          "': \"target_modules\" must hold strings, got ", s.dump());
-          c.target_modules.push_back(s.get<std::string>());
+                          "': \"target_modules\" must hold strings, got ", json_excerpt(s));
+          c.target_modules.push_back(s.template get<std::string>());
         }
       } else {
         ADALORA_REQUIRE(v.is_null(), where, "'", file,
                         "': \"target_modules\" must be a list, a string or null, got ",
-                        v.dump());
+                        json_excerpt(v));
       }
     } else if (k == "rank_pattern") {
       if (!v.is_null()) {
@@ -281,10 +362,12 @@ inline peft_adalora_config peft_config_from_json(const nlohmann::json& j,
         }
       }
     } else {
-      c.other[k] = v;
+      c.other[k] = nlohmann::json(v);
     }
   }
   ADALORA_REQUIRE(c.init_r >= 0, where, "'", file, "': init_r must be >= 0, got ", c.init_r);
+  ADALORA_REQUIRE(std::isfinite(c.lora_alpha) && c.lora_alpha >= 0, where, "'", file,
+                  "': lora_alpha must be finite and >= 0, got ", c.lora_alpha);
   if (c.pattern)
     for (const auto& e : c.pattern->entries())
       ADALORA_REQUIRE(static_cast<std::int64_t>(e.kept.size()) == c.init_r, where, "'", file,
@@ -293,18 +376,22 @@ inline peft_adalora_config peft_config_from_json(const nlohmann::json& j,
   return c;
 }
 
-/// Reads adapter_config.json from a file.
+/// The largest adapter_config.json read_peft_config reads (PEFT's are a few KB).
+inline constexpr std::uint64_t max_peft_config_bytes = std::uint64_t{64} << 20;
+
+/// Reads adapter_config.json from a file (a regular file of at most max_peft_config_bytes).
+/// Throws std::runtime_error if it cannot be read, std::invalid_argument if it is not an
+/// AdaLoRA config (see peft_config_from_json), not JSON, nested too deep or has a duplicate key.
 inline peft_adalora_config read_peft_config(const std::filesystem::path& file) {
-  std::ifstream in(file);
-  if (!in) throw std::runtime_error("adalora::read_peft_config: cannot open '" + file.string() + "'");
-  nlohmann::json j;
+  const std::string name = file.string();
+  const auto text = read_file_for<char>("read_peft_config", name, max_peft_config_bytes);
+  nlohmann::ordered_json j;
   try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw std::invalid_argument("adalora::read_peft_config: '" + file.string() +
-                                "' is not valid JSON: " + e.what());
+    j = parse_json_strictly<nlohmann::ordered_json>(std::string_view(text.data(), text.size()));
+  } catch (const detail::json_io::bad_json& e) {
+    throw std::invalid_argument("adalora::read_peft_config: '" + name + "': " + e.what());
   }
-  return peft_config_from_json(j, file.string());
+  return peft_config_from_json(j, name);
 }
 
 /// The safetensors content PEFT would save for `modules` under `config` (see the header
@@ -363,26 +450,77 @@ safetensors_writer peft_safetensors(const peft_adalora_config& config,
   return w;
 }
 
+namespace detail::peft {
+
+/// Writes both files, with `alpha` as the config's lora_alpha. Each file is replaced atomically.
+template <class T>
+void write_files(const std::filesystem::path& dir, const peft_adalora_config& config,
+                 std::span<const peft_module_ref<T>> modules, const peft_save_options& options,
+                 double alpha) {
+  constexpr const char* where = "adalora::save_peft_adapter: '";
+  const safetensors_writer w = peft_safetensors<T>(config, modules, options);
+  std::vector<std::string> paths;
+  for (const auto& m : modules) paths.push_back(m.name);
+  std::string text;
+  try {
+    text = config_json(config, paths, alpha).dump(2) + "\n";
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument(detail::concat(where, dir.string(), "': the config cannot be written "
+                                               "as JSON (", e.what(), "); are all its strings UTF-8?"));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec)
+    throw std::runtime_error(detail::concat(where, dir.string(), "': cannot create the directory (",
+                                            ec.message(), ")"));
+  w.write(dir / peft_weights_file);
+  const std::string config_path = (dir / peft_config_file).string();
+  try {
+    write_file_atomically(config_path, std::string_view(text));
+  } catch (const detail::file_io::failure& e) {
+    throw std::runtime_error(detail::concat(where, config_path, "': ", e.what()));
+  }
+}
+
+/// The lora_alpha under which PEFT's rule gives every module of an imported (or user-built)
+/// adapter the scale it has: the config's own value if that works (a PEFT file read back), else
+/// adalora's translation peft_alpha_for(). Throws std::invalid_argument if neither does.
+template <class T>
+double alpha_for_modules(const peft_adapter<T>& adapter) {
+  const peft_adalora_config& c = adapter.config;
+  const peft_module<T>* misfit = nullptr;
+  for (const double alpha : {c.lora_alpha, peft_alpha_for(c)}) {
+    misfit = nullptr;
+    for (const auto& m : adapter.modules) {
+      if (m.adapter.rank() == 0) continue;  // adds nothing, whatever its scale
+      const rank_pattern::entry* e = c.pattern ? c.pattern->find(m.name) : nullptr;
+      const auto peft = peft_loaded_scale<T>(alpha, c.init_r, e ? e->kept_count() : -1);
+      if (peft.scaling() != m.adapter.scale().scaling() || peft.rn() != m.adapter.scale().rn()) {
+        misfit = &m;
+        break;
+      }
+    }
+    if (misfit == nullptr) return alpha;
+  }
+  throw std::invalid_argument(detail::concat(
+      "adalora::save_peft_adapter: module '", misfit->name, "' has scaling ",
+      misfit->adapter.scale().scaling(), " and r_init ", misfit->adapter.r_init(),
+      ", which PEFT cannot reproduce with one lora_alpha for all modules and init_r = ", c.init_r,
+      " (PEFT gives every module scaling = lora_alpha, or with lora_alpha = 0 its kept rank, and "
+      "ranknum = init_r)"));
+}
+
+}  // namespace detail::peft
+
 /// Writes `dir`/adapter_model.safetensors and `dir`/adapter_config.json as PEFT does (creating
-/// `dir` if needed). See peft_safetensors() for what is checked.
+/// `dir` if needed), each replaced atomically. lora_alpha is written as peft_alpha_for(config),
+/// so that PEFT computes what these adapters compute under adalora's rule. See
+/// peft_safetensors() for what is checked.
 template <class T>
 void save_peft_adapter(const std::filesystem::path& dir, const peft_adalora_config& config,
                        std::span<const peft_module_ref<T>> modules,
                        const peft_save_options& options = {}) {
-  const safetensors_writer w = peft_safetensors<T>(config, modules, options);
-  std::vector<std::string> paths;
-  for (const auto& m : modules) paths.push_back(m.name);
-  const nlohmann::json j = to_peft_config_json(config, paths);
-  std::filesystem::create_directories(dir);
-  w.write(dir / peft_weights_file);
-  const auto config_path = dir / peft_config_file;
-  std::ofstream out(config_path, std::ios::trunc);
-  if (!out)
-    throw std::runtime_error("adalora::save_peft_adapter: cannot open '" + config_path.string() + "'");
-  out << j.dump(2) << '\n';
-  if (!out)
-    throw std::runtime_error("adalora::save_peft_adapter: write to '" + config_path.string() +
-                             "' failed");
+  detail::peft::write_files<T>(dir, config, modules, options, peft_alpha_for(config));
 }
 
 /// Same, for a vector of modules.
@@ -393,13 +531,16 @@ void save_peft_adapter(const std::filesystem::path& dir, const peft_adalora_conf
   save_peft_adapter<T>(dir, config, std::span<const peft_module_ref<T>>(modules), options);
 }
 
-/// Writes adapters that were imported (already resized) back out.
+/// Writes adapters that were imported (already resized) back out. Each module keeps the scale
+/// it has: lora_alpha is written so that PEFT's rule reproduces it (for a file PEFT wrote, its
+/// own lora_alpha; see detail::peft::alpha_for_modules).
 template <class T>
 void save_peft_adapter(const std::filesystem::path& dir, const peft_adapter<T>& adapter,
                        const peft_save_options& options = {}) {
   std::vector<peft_module_ref<T>> refs;
   for (const auto& m : adapter.modules) refs.push_back({m.name, m.adapter.params()});
-  save_peft_adapter<T>(dir, adapter.config, std::span<const peft_module_ref<T>>(refs), options);
+  detail::peft::write_files<T>(dir, adapter.config, std::span<const peft_module_ref<T>>(refs),
+                               options, detail::peft::alpha_for_modules(adapter));
 }
 
 /// Builds adapters from a parsed adapter_model.safetensors and its config (see the header
@@ -445,7 +586,6 @@ peft_adapter<T> peft_adapter_from(const safetensors_file& file, peft_adalora_con
   for (const auto& p : paths)
     if (std::find(ordered.begin(), ordered.end(), p) == ordered.end()) ordered.push_back(p);
 
-  const adapter_scale<T> scale(c.lora_alpha, c.init_r);
   for (const auto& path : ordered) {
     auto tensor = [&](const char* suffix) -> const st_tensor_info& {
       for (const std::string& key :
@@ -485,7 +625,11 @@ peft_adapter<T> peft_adapter_from(const safetensors_file& file, peft_adalora_con
                       "' has rank ", k, " and no rank_pattern entry, so it must have init_r = ",
                       c.init_r);
 
-    svd_adapter<T> a(in, out, k, scale);
+    // PEFT's rule (see the header comment): with lora_alpha = 0 a module of the rank_pattern is
+    // scaled by its kept rank.
+    svd_adapter<T> a(in, out, k,
+                     detail::peft::peft_loaded_scale<T>(c.lora_alpha, c.init_r,
+                                                        e != nullptr ? e->kept_count() : -1));
     auto p = a.params();
     file.copy_values<T>(A.name, std::span<T>(p.A.data(), static_cast<std::size_t>(p.A.size())));
     file.copy_values<T>(B.name, std::span<T>(p.B.data(), static_cast<std::size_t>(p.B.size())));

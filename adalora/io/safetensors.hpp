@@ -17,11 +17,15 @@
 //  * it never reads outside the bytes it was given, whatever the file says: every length, offset
 //    and shape is range- and overflow-checked before it is used;
 //  * a malformed file (truncated, a header length past the end or over 100 MiB, a header that is
-//    not a JSON object, a duplicated name, an unknown dtype, a negative or non-integer extent,
-//    data_offsets that are out of range, overlap, leave gaps, or do not match shape × dtype size)
-//    is refused with std::invalid_argument naming the source, the tensor and what is wrong; the
-//    rules are those of the reference implementation (its `Metadata::validate`): the tensors'
-//    byte ranges must tile the data buffer exactly;
+//    not a JSON object, is nested more than max_json_depth levels, has a duplicate key at any
+//    level or anything but spaces (0x20) after its closing '}', an unknown dtype, a negative or
+//    non-integer extent, data_offsets that are out of range, overlap, leave gaps, or do not match
+//    shape × dtype size) is refused with std::invalid_argument naming the source, the tensor and
+//    what is wrong; the rules are those of the reference implementation (its
+//    `Metadata::validate`): the tensors' byte ranges must tile the data buffer exactly;
+//  * values from the header are quoted in errors through json_excerpt (bounded, never recursing
+//    deeply), and a file that cannot be read (a directory, a FIFO, a device) is refused before a
+//    byte is read (read_regular_file);
 //  * values are read with memcpy (no alignment assumption) and converted to the caller's type
 //    from F16, BF16, F32 or F64.
 
@@ -34,10 +38,9 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <limits>
 #include <map>
+#include <new>
 #include <set>
 #include <span>
 #include <stdexcept>
@@ -48,6 +51,8 @@
 #include <vector>
 
 #include "adalora/config.hpp"
+#include "adalora/io/file_io.hpp"
+#include "adalora/io/json_limits.hpp"
 #include "adalora/matrix_view.hpp"
 
 namespace adalora {
@@ -114,6 +119,38 @@ inline float bfloat16_to_float(std::uint16_t h) noexcept {
   return std::bit_cast<float>(static_cast<std::uint32_t>(h) << 16);
 }
 
+/// The bytes a tensor of `shape` and `element_size`-byte elements holds. Throws
+/// std::invalid_argument for a negative extent or a count past 2^63 - 1 (checked before each
+/// multiplication, so it never wraps); a zero extent makes it 0 whatever the others are.
+inline std::uint64_t shape_bytes(const char* where, const std::string& name,
+                                 const std::vector<std::int64_t>& shape, std::size_t element_size) {
+  const auto describe = [&] { return json_excerpt(nlohmann::json(shape)); };
+  for (auto d : shape)
+    ADALORA_REQUIRE(d >= 0, where, "tensor '", name, "' has a negative extent ", d, " in shape ",
+                    describe());
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
+  constexpr auto limit = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+  std::uint64_t n = element_size;
+  for (auto d : shape) {
+    ADALORA_REQUIRE(n <= limit / static_cast<std::uint64_t>(d), where, "tensor '", name,
+                    "' of shape ", describe(), " would hold more than 2^63 - 1 bytes");
+    n *= static_cast<std::uint64_t>(d);
+  }
+  return n;
+}
+
+/// Throws std::invalid_argument unless `s` is valid UTF-8 (the header is UTF-8 JSON; nlohmann
+/// would otherwise fail later, in serialize(), with its own type_error).
+inline void require_utf8(const char* where, const char* what, const std::string& s) {
+  try {
+    (void)nlohmann::json(s).dump();
+  } catch (const nlohmann::json::type_error&) {
+    throw std::invalid_argument(concat("adalora::", where, ": ", what, " ",
+                                       json_excerpt(nlohmann::json(s)),
+                                       " is not valid UTF-8, which the JSON header requires"));
+  }
+}
+
 }  // namespace detail::st
 
 /// The header's name for a dtype ("F32", ...).
@@ -165,19 +202,10 @@ class safetensors_file {
     parse();
   }
 
-  /// Reads and parses a file. Throws std::runtime_error if it cannot be read,
-  /// std::invalid_argument if it is malformed.
+  /// Reads and parses a file. Throws std::runtime_error if it cannot be read (missing, not a
+  /// regular file, too large for memory), std::invalid_argument if it is malformed.
   static safetensors_file read(const std::filesystem::path& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in)
-      throw std::runtime_error("adalora::safetensors_file::read: cannot open '" + path.string() +
-                               "'");
-    std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad())
-      throw std::runtime_error("adalora::safetensors_file::read: read of '" + path.string() +
-                               "' failed");
-    std::vector<std::byte> bytes(raw.size());
-    if (!raw.empty()) std::memcpy(bytes.data(), raw.data(), raw.size());
+    auto bytes = read_file_for<std::byte>("safetensors_file::read", path.string());
     return safetensors_file(std::move(bytes), path.string());
   }
 
@@ -292,24 +320,28 @@ class safetensors_file {
     const auto* text = reinterpret_cast<const char*>(bytes_.data() + 8);
     if (text[0] != '{') fail("the header does not start with '{'");
 
-    // Duplicate names are an error in the reference reader; nlohmann would keep the last one
-    // silently, so the parser callback watches the keys of the top-level object.
-    std::set<std::string> seen;
-    std::string duplicate;
-    const nlohmann::json::parser_callback_t watch_keys =
-        [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-          if (event == nlohmann::json::parse_event_t::key && depth == 1 && parsed.is_string() &&
-              !seen.insert(parsed.get<std::string>()).second && duplicate.empty())
-            duplicate = parsed.get<std::string>();
-          return true;
-        };
+    // The format allows only spaces (0x20) as padding after the JSON object. nlohmann stops at a
+    // NUL byte as if the input ended there, so a NUL is refused before parsing.
+    std::size_t json_size = static_cast<std::size_t>(n);
+    while (json_size > 0 && text[json_size - 1] == ' ') --json_size;
+    if (const void* nul = std::memchr(text, 0, json_size))
+      fail(detail::concat("the header has a NUL byte at byte ", static_cast<const char*>(nul) - text,
+                          " of its ", n, "; only spaces (0x20) may pad it after the JSON object"));
+
+    // Depth-limited (a deeply nested value would overflow the stack when described or copied)
+    // and refusing duplicate keys at every level, as the reference reader does for names.
     nlohmann::json header;
     try {
-      header = nlohmann::json::parse(text, text + n, watch_keys);
-    } catch (const nlohmann::json::exception& e) {
-      fail(std::string("the header is not valid JSON: ") + e.what());
+      header = parse_json_strictly(std::string_view(text, json_size));
+    } catch (const detail::json_io::bad_json& e) {
+      fail(std::string("the header is refused: ") + e.what());
     }
-    if (!duplicate.empty()) fail("the header names '" + duplicate + "' twice");
+    // Valid JSON that starts with '{' ends with '}' plus JSON whitespace: only spaces may pad.
+    if (text[json_size - 1] != '}')
+      fail(detail::concat("the header's JSON object is followed by character code ",
+                          static_cast<int>(static_cast<unsigned char>(text[json_size - 1])),
+                          " at byte ", json_size - 1, " of its ", n,
+                          "; only spaces (0x20) may pad it"));
     if (!header.is_object()) fail("the header is not a JSON object");
 
     for (auto it = header.begin(); it != header.end(); ++it) {
@@ -382,7 +414,7 @@ class safetensors_file {
       bool ok = false;
       const std::int64_t extent = read_extent(d, ok);
       if (!ok)
-        fail(detail::concat("entry '", name, "' shape ", shape.dump(),
+        fail(detail::concat("entry '", name, "' shape ", json_excerpt(shape),
                             " must hold non-negative integers"));
       t.shape.push_back(extent);
       if (extent != 0 && bytes > std::numeric_limits<std::uint64_t>::max() /
@@ -398,13 +430,13 @@ class safetensors_file {
     const auto& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2)
       fail("entry '" + name + "' data_offsets must be a list of two integers, got " +
-           offsets.dump());
+           json_excerpt(offsets));
     bool ok0 = false, ok1 = false;
     const std::int64_t b = read_extent(offsets[0], ok0);
     const std::int64_t e = read_extent(offsets[1], ok1);
     if (!ok0 || !ok1)
       fail("entry '" + name + "' data_offsets must be non-negative integers, got " +
-           offsets.dump());
+           json_excerpt(offsets));
     if (e < b)
       fail(detail::concat("entry '", name, "' data_offsets [", b, ", ", e,
                           "] end before they begin"));
@@ -412,7 +444,7 @@ class safetensors_file {
     t.end = static_cast<std::uint64_t>(e);
     if (overflow || t.end - t.begin != bytes)
       fail(detail::concat("entry '", name, "' data_offsets [", t.begin, ", ", t.end, "] hold ",
-                          t.end - t.begin, " bytes, but shape ", shape.dump(), " of ",
+                          t.end - t.begin, " bytes, but shape ", json_excerpt(shape), " of ",
                           dtype_name, " needs ",
                           overflow ? std::string("more than 2^64") : std::to_string(bytes)));
     return t;
@@ -430,22 +462,19 @@ class safetensors_file {
 /// padded with spaces to a multiple of 8 bytes so that the data is 8-byte aligned, no gaps.
 class safetensors_writer {
  public:
-  /// Adds a tensor from raw little-endian bytes. Throws for an empty or duplicate name, the name
-  /// "__metadata__", a negative extent or a byte count that does not match shape × dtype.
+  /// Adds a tensor from raw little-endian bytes. Throws for an empty, non-UTF-8 or duplicate
+  /// name, the name "__metadata__", a negative extent, a shape whose byte count passes 2^63 - 1
+  /// or a byte count that does not match shape × dtype.
   void add_raw(std::string name, st_dtype dtype, std::vector<std::int64_t> shape,
                std::vector<std::byte> little_endian_bytes) {
     constexpr const char* where = "safetensors_writer::add";
     ADALORA_REQUIRE(!name.empty() && name != "__metadata__", where,
                     "tensor name must be non-empty and not \"__metadata__\", got '", name, "'");
+    detail::st::require_utf8(where, "tensor name", name);
     ADALORA_REQUIRE(!names_.count(name), where, "tensor '", name, "' was already added");
-    std::uint64_t n = 1;
-    for (auto d : shape) {
-      ADALORA_REQUIRE(d >= 0, where, "tensor '", name, "' has a negative extent ", d);
-      n *= static_cast<std::uint64_t>(d);
-    }
-    ADALORA_REQUIRE(n * dtype_size(dtype) == little_endian_bytes.size(), where, "tensor '", name,
-                    "' needs ", n * dtype_size(dtype), " bytes for its shape, got ",
-                    little_endian_bytes.size());
+    const std::uint64_t bytes = detail::st::shape_bytes(where, name, shape, dtype_size(dtype));
+    ADALORA_REQUIRE(bytes == little_endian_bytes.size(), where, "tensor '", name, "' needs ",
+                    bytes, " bytes for its shape, got ", little_endian_bytes.size());
     names_.insert(name);
     entries_.push_back({std::move(name), dtype, std::move(shape), std::move(little_endian_bytes)});
   }
@@ -462,16 +491,20 @@ class safetensors_writer {
   template <class T>
   void add(std::string name, vector_view<const T> v, std::vector<std::int64_t> shape,
            st_dtype store_as = st_dtype_of<std::remove_cv_t<T>>()) {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    ADALORA_REQUIRE(n == v.size(), "safetensors_writer::add", "tensor '", name, "' shape has ", n,
+    const std::uint64_t n = detail::st::shape_bytes("safetensors_writer::add", name, shape, 1);
+    ADALORA_REQUIRE(v.size() >= 0 && n == static_cast<std::uint64_t>(v.size()),
+                    "safetensors_writer::add", "tensor '", name, "' shape has ", n,
                     " elements, the vector ", v.size());
     add_shaped(std::move(name), std::move(shape), v.size(), 1,
                [&](index_t i, index_t) { return v[i]; }, store_as);
   }
 
-  /// Sets a "__metadata__" entry (PEFT writes {"format": "pt"}).
-  void set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
+  /// Sets a "__metadata__" entry (PEFT writes {"format": "pt"}). Both must be valid UTF-8.
+  void set_metadata(std::string key, std::string value) {
+    detail::st::require_utf8("safetensors_writer::set_metadata", "key", key);
+    detail::st::require_utf8("safetensors_writer::set_metadata", "value", value);
+    metadata_[std::move(key)] = std::move(value);
+  }
 
   /// The whole file.
   std::vector<std::byte> serialize() const {
@@ -502,18 +535,18 @@ class safetensors_writer {
     return out;
   }
 
-  /// Writes the file (replacing it). Throws std::runtime_error on an I/O error.
+  /// Writes the file, atomically: a failure leaves any previous file at `path` as it was (see
+  /// write_file_atomically). Throws std::runtime_error on an I/O error.
   void write(const std::filesystem::path& path) const {
     const auto bytes = serialize();
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out)
-      throw std::runtime_error("adalora::safetensors_writer::write: cannot open '" +
-                               path.string() + "'");
-    out.write(reinterpret_cast<const char*>(bytes.data()),
-              static_cast<std::streamsize>(bytes.size()));
-    if (!out)
-      throw std::runtime_error("adalora::safetensors_writer::write: write to '" + path.string() +
-                               "' failed");
+    try {
+      write_file_atomically(
+          path.string(),
+          std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()));
+    } catch (const detail::file_io::failure& e) {
+      throw std::runtime_error(detail::concat("adalora::safetensors_writer::write: '", path.string(),
+                                              "': ", e.what()));
+    }
   }
 
  private:
@@ -530,8 +563,12 @@ class safetensors_writer {
     ADALORA_REQUIRE(store_as == st_dtype::F32 || store_as == st_dtype::F64,
                     "safetensors_writer::add", "tensor '", name,
                     "': floating-point data is stored as F32 or F64, got ", to_string(store_as));
+    // Checked before allocating: rows × cols × size must not wrap (an unchecked view can claim
+    // any extents).
+    const std::uint64_t total = detail::st::shape_bytes("safetensors_writer::add", name, shape,
+                                                        dtype_size(store_as));
     const std::size_t size = dtype_size(store_as);
-    std::vector<std::byte> bytes(static_cast<std::size_t>(rows * cols) * size);
+    std::vector<std::byte> bytes(static_cast<std::size_t>(total));
     std::size_t k = 0;
     for (index_t i = 0; i < rows; ++i)
       for (index_t j = 0; j < cols; ++j, k += size) {

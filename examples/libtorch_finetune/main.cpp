@@ -283,7 +283,6 @@ int main(int argc, char** argv) {
     config.total_step = steps;
     config.orth_reg_weight = 0.1;
     config.lora_alpha = alpha;
-    config.target_modules = {"layer0", "layer1", "layer2"};
     config.pattern = allocator.pattern();
     std::vector<adalora::peft_module_ref<float>> modules;
     for (std::size_t l = 0; l < n; ++l)

@@ -1,6 +1,8 @@
 // Writes the seed corpus of checkpoint_fuzz: valid checkpoints of the fuzz configuration
-// (fuzz_support.hpp) in each phase, both element types and both final-phase semantics, plus one
-// of another metric and schedule. Regenerate (after a format change) from the repository root:
+// (fuzz_support.hpp) in each phase, both element types and both final-phase semantics, one of
+// another metric and schedule, one of a sharded run, and that one with a shape that the file's
+// bytes do not back (read_checkpoint_config refuses it). Regenerate (after a format change)
+// from the repository root:
 //   g++ -std=c++20 -I. tests/fuzz/make_checkpoint_corpus.cpp -o /tmp/mk && /tmp/mk tests/fuzz/corpus/checkpoint_fuzz
 
 #include <cstdio>
@@ -13,19 +15,26 @@
 
 namespace {
 
+void write_bytes(const std::string& dir, const std::string& name, const std::vector<std::uint8_t>& bytes) {
+  std::ofstream out(dir + "/" + name, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  std::printf("%s/%s: %zu bytes\n", dir.c_str(), name.c_str(), bytes.size());
+}
+
 template <class T, class M, class S>
-void write(const std::string& dir, const std::string& name, adalora::rank_allocator<T, M, S>& alloc,
-           std::int64_t steps) {
-  fuzz::tensors<T> t(fuzz::shapes());
+std::vector<std::uint8_t> stepped_bytes(adalora::rank_allocator<T, M, S>& alloc, std::int64_t steps) {
+  fuzz::tensors<T> t({alloc.shapes().begin(), alloc.shapes().end()});
   for (std::int64_t s = 0; s < steps; ++s) {
     t.set_gradients(s);
     alloc.step(s, t.views);
   }
-  const auto bytes = adalora::checkpoint_bytes(alloc);
-  std::ofstream out(dir + "/" + name, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  std::printf("%s/%s: %zu bytes after %lld steps\n", dir.c_str(), name.c_str(), bytes.size(),
-              static_cast<long long>(steps));
+  return adalora::checkpoint_bytes(alloc);
+}
+
+template <class T, class M, class S>
+void write(const std::string& dir, const std::string& name, adalora::rank_allocator<T, M, S>& alloc,
+           std::int64_t steps) {
+  write_bytes(dir, name, stepped_bytes(alloc, steps));
 }
 
 template <class T>
@@ -53,5 +62,18 @@ int main(int argc, char** argv) {
       fuzz::shapes(), adalora::linear_schedule(fuzz::schedule_options()), {},
       {.ties = adalora::tie_policy::exact_budget});
   write(dir, "f32_magnitude_linear_7.ckpt", mag, 7);
+
+  // A process of a sharded run: two of q's triplets, two of its columns of A and three of its
+  // rows of B; one of v's two triplets.
+  auto shards = fuzz::shapes();
+  shards[0].shard = {.triplet_count = 2, .in_count = 2, .out_count = 3};
+  shards[1].shard = {.triplet_begin = 1, .triplet_count = 1};
+  adalora::rank_allocator<float> sharded(shards, adalora::cubic_schedule(fuzz::schedule_options()));
+  const auto bytes = stepped_bytes(sharded, 5);
+  write_bytes(dir, "f32_sharded_5.ckpt", bytes);
+  // The same declaring q 2^35 columns wide: 3 GiB of block sums that no byte of it backs.
+  auto im = adalora::detail::ckpt::parse<float>(bytes);
+  im.shapes[0].in_features = adalora::index_t{1} << 35;
+  write_bytes(dir, "f32_sharded_unbacked_width.ckpt", adalora::detail::ckpt::encode(im));
   return 0;
 }
