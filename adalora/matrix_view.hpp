@@ -154,20 +154,48 @@ matrix_view<T> make_matrix_view(T* data, index_t rows, index_t cols,
                                     : matrix_view<T>(data, rows, cols, 1, rows);
 }
 
-/// A checked strided view (strides in elements, not bytes).
+namespace detail {
+
+/// True if |(n - 1) · stride| + base fits in index_t (n >= 1), checked without overflowing: the
+/// farthest element of a strided walk must have an offset the kernels can compute.
+constexpr bool offset_fits(index_t n, index_t stride, index_t base = 0) noexcept {
+  constexpr index_t max = std::numeric_limits<index_t>::max();
+  if (stride == std::numeric_limits<index_t>::min()) return n <= 1 && base >= 0;
+  const index_t s = stride < 0 ? -stride : stride;
+  if (n <= 1 || s == 0) return true;
+  return n - 1 <= (max - base) / s;
+}
+
+}  // namespace detail
+
+/// A checked strided view (strides in elements, not bytes). The farthest element's offset must
+/// fit in index_t.
 template <class T>
 matrix_view<T> make_matrix_view(T* data, index_t rows, index_t cols, index_t row_stride,
                                 index_t col_stride) {
   detail::check_matrix_extents(data, rows, cols);
+  if (rows > 0 && cols > 0) {
+    // offset_fits(cols, ...) first, so that the row check's base is computed only when it fits.
+    const bool fits =
+        detail::offset_fits(cols, col_stride) &&
+        detail::offset_fits(rows, row_stride,
+                            cols == 1 ? 0 : (cols - 1) * (col_stride < 0 ? -col_stride : col_stride));
+    ADALORA_REQUIRE(fits, "make_matrix_view", "a ", rows, " x ", cols, " view with strides ",
+                    row_stride, " and ", col_stride,
+                    " reaches elements whose offset index_t cannot hold");
+  }
   return matrix_view<T>(data, rows, cols, row_stride, col_stride);
 }
 
-/// A checked view of `size` elements spaced `stride` apart.
+/// A checked view of `size` elements spaced `stride` apart; the last one's offset must fit in
+/// index_t.
 template <class T>
 vector_view<T> make_vector_view(T* data, index_t size, index_t stride = 1) {
   ADALORA_REQUIRE(size >= 0, "make_vector_view", "size must be >= 0, got ", size);
   ADALORA_REQUIRE(data != nullptr || size == 0, "make_vector_view",
                   "data is null for a vector of size ", size);
+  ADALORA_REQUIRE(detail::offset_fits(size, stride), "make_vector_view", "a vector of size ", size,
+                  " with stride ", stride, " reaches elements whose offset index_t cannot hold");
   return vector_view<T>(data, size, stride);
 }
 

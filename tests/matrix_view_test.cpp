@@ -54,6 +54,28 @@ TEST_CASE("checked factories refuse extents whose element count overflows index_
   REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, max, 2), Catch::Contains("more elements"));
 }
 
+TEST_CASE("checked strided factories refuse strides whose farthest offset overflows index_t",
+          "[view][hostile]") {
+  float x = 0;
+  const index_t max = std::numeric_limits<index_t>::max();
+  const index_t min = std::numeric_limits<index_t>::min();
+  // Farthest offset (rows - 1)·|row_stride| + (cols - 1)·|col_stride|: exactly max fits.
+  REQUIRE_NOTHROW(adalora::make_matrix_view(&x, 3, 2, max / 2, 1));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, 4, 2, max / 2, 1),
+                      Catch::Contains("make_matrix_view") && Catch::Contains("offset"));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, 3, 3, max / 2, 1), Catch::Contains("offset"));
+  REQUIRE_NOTHROW(adalora::make_matrix_view(&x, 2, 3, 1, -(max / 2)));  // 1 + 2·(max / 2) = max
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, 2, 4, 1, -(max / 2)), Catch::Contains("offset"));
+  REQUIRE_THROWS_WITH(adalora::make_matrix_view(&x, 2, 1, min, 1), Catch::Contains("offset"));
+  REQUIRE_NOTHROW(adalora::make_matrix_view(&x, 1, 1, min, min));  // one element: offset 0
+  REQUIRE_NOTHROW(adalora::make_matrix_view(&x, max, 1, 0, 0));    // broadcast (xtensor's size-1 axes)
+  REQUIRE_NOTHROW(adalora::make_vector_view(&x, 2, max));
+  REQUIRE_THROWS_WITH(adalora::make_vector_view(&x, 3, max),
+                      Catch::Contains("make_vector_view") && Catch::Contains("offset"));
+  REQUIRE_THROWS_WITH(adalora::make_vector_view(&x, 2, min), Catch::Contains("offset"));
+  REQUIRE_NOTHROW(adalora::make_vector_view(&x, max, -1));
+}
+
 TEST_CASE("std containers are viewed zero-copy as vectors", "[view]") {
   std::vector<double> v(5, 1.0);
   auto view = adalora::as_vector(v);
