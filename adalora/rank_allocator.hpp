@@ -61,6 +61,31 @@ struct adapter_shape {
   adapter_shard shard = {};
 };
 
+namespace detail {
+
+/// Why these adapters' names cannot key a rank pattern (PEFT's "<name>.lora_E"): "adapter 1 has
+/// an empty name", or "adapters 0 and 2 have the same name 'q'" for the first repeat in adapter
+/// order; "" when they can. The allocator's constructor and read_checkpoint_config refuse what
+/// this names, so that the pattern never fails after a training run.
+inline std::string adapter_name_problem(const std::vector<adapter_shape>& shapes) {
+  for (std::size_t a = 0; a < shapes.size(); ++a)
+    if (shapes[a].name.empty()) return concat("adapter ", a, " has an empty name");
+  std::vector<std::size_t> by_name(shapes.size());
+  std::iota(by_name.begin(), by_name.end(), std::size_t{0});
+  // Stable: equal names stay in adapter order, so each name's first two are adjacent.
+  std::stable_sort(by_name.begin(), by_name.end(),
+                   [&](std::size_t x, std::size_t y) { return shapes[x].name < shapes[y].name; });
+  // The first repeat in adapter order: the pair whose later index is smallest.
+  std::size_t first = 0, second = shapes.size();
+  for (std::size_t i = 1; i < by_name.size(); ++i)
+    if (shapes[by_name[i]].name == shapes[by_name[i - 1]].name && by_name[i] < second)
+      first = by_name[i - 1], second = by_name[i];
+  if (second == shapes.size()) return {};
+  return concat("adapters ", first, " and ", second, " have the same name '", shapes[second].name, "'");
+}
+
+}  // namespace detail
+
 /// What happens from T − tfinal on (SPEC §7).
 enum class final_phase : std::uint8_t {
   /// PEFT (default): at the first step t >= T − tfinal, mask to the target budget with frozen
@@ -482,27 +507,12 @@ class rank_allocator {
     ADALORA_REQUIRE(o.threads >= 1, where, "options.threads must be >= 1, got ", o.threads);
   }
 
-  /// Names key the rank pattern (PEFT's "<name>.lora_E"): an empty or repeated one would only be
-  /// refused by pattern(), after the training run.
+  /// An empty or repeated name would only be refused by pattern(), after the training run.
   static void validate_names(const std::vector<adapter_shape>& shapes) {
-    constexpr const char* where = "rank_allocator";
-    for (std::size_t a = 0; a < shapes.size(); ++a)
-      ADALORA_REQUIRE(!shapes[a].name.empty(), where, "adapter ", a,
-                      " has an empty name; names key the rank pattern and must be non-empty");
-    std::vector<std::size_t> by_name(shapes.size());
-    std::iota(by_name.begin(), by_name.end(), std::size_t{0});
-    // Stable: equal names stay in adapter order, so each name's first two are adjacent.
-    std::stable_sort(by_name.begin(), by_name.end(),
-                     [&](std::size_t x, std::size_t y) { return shapes[x].name < shapes[y].name; });
-    // Report the first repeat in adapter order: the pair whose later index is smallest.
-    std::size_t first = 0, second = shapes.size();
-    for (std::size_t i = 1; i < by_name.size(); ++i)
-      if (shapes[by_name[i]].name == shapes[by_name[i - 1]].name && by_name[i] < second)
-        first = by_name[i - 1], second = by_name[i];
-    if (second < shapes.size())
+    if (const std::string problem = detail::adapter_name_problem(shapes); !problem.empty())
       throw std::invalid_argument(detail::concat(
-          "adalora::", where, ": adapters ", first, " and ", second, " have the same name '",
-          shapes[second].name, "'; names key the rank pattern and must be unique"));
+          "adalora::rank_allocator: ", problem,
+          "; names key the rank pattern and must be non-empty and unique"));
   }
 
   static std::size_t blocks_of(index_t n) noexcept {

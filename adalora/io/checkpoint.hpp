@@ -51,7 +51,6 @@
 #include <cstdint>
 #include <istream>
 #include <limits>
-#include <map>
 #include <new>
 #include <ostream>
 #include <span>
@@ -1096,13 +1095,8 @@ checkpoint_config<Metric, Schedule> config_of(std::span<const std::uint8_t> byte
   Schedule schedule = decode_options<Schedule>(im.schedule_options, "schedule");
   Metric metric = decode_options<Metric>(im.metric_options, "importance metric");
   // What the allocator's constructor refuses, so that a configuration that reads constructs.
-  std::map<std::string_view, std::size_t> names;
-  for (std::size_t a = 0; a < im.shapes.size(); ++a) {
-    const std::string& name = im.shapes[a].name;
-    if (name.empty()) fail(k::malformed, "adapter ", a, " has an empty name");
-    if (const auto [it, fresh] = names.emplace(name, a); !fresh)
-      fail(k::malformed, "adapters ", it->second, " and ", a, " have the same name '", name, "'");
-  }
+  if (const std::string problem = detail::adapter_name_problem(im.shapes); !problem.empty())
+    fail(k::malformed, problem);
   std::int64_t b0 = 0;
   for (const adapter_shape& s : im.shapes) b0 += s.rank;  // bounded by parse()
   if (schedule.initial_budget() != b0)

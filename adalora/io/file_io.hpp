@@ -243,4 +243,16 @@ inline void write_file_atomically(const std::string& path, std::string_view text
       ops);
 }
 
+/// write_file_atomically for a public writer, the twin of read_file_for: a failure is a
+/// std::runtime_error "adalora::<function>: '<path>': <reason>; the previous file is intact".
+/// Bytes is a span of bytes or a string_view.
+template <class Bytes>
+void write_file_for(const char* function, const std::string& path, const Bytes& bytes) {
+  try {
+    write_file_atomically(path, bytes);
+  } catch (const detail::file_io::failure& e) {
+    throw std::runtime_error(detail::concat("adalora::", function, ": '", path, "': ", e.what()));
+  }
+}
+
 }  // namespace adalora

@@ -113,4 +113,21 @@ std::string json_excerpt(const Json& value, std::size_t max_chars = 120) {
   return text;
 }
 
+namespace detail::json_io {
+
+/// Throws std::invalid_argument "adalora::<where>: <what> <excerpt> is not valid UTF-8, which
+/// JSON requires" unless `s` can be written as a JSON string (nlohmann's dump() would otherwise
+/// fail later with its own type_error, far from the name or value that caused it).
+inline void require_utf8(const char* where, const std::string& what, const std::string& s) {
+  try {
+    (void)nlohmann::json(s).dump();
+  } catch (const nlohmann::json::type_error&) {
+    throw std::invalid_argument(concat("adalora::", where, ": ", what, " ",
+                                       json_excerpt(nlohmann::json(s)),
+                                       " is not valid UTF-8, which JSON requires"));
+  }
+}
+
+}  // namespace detail::json_io
+
 }  // namespace adalora

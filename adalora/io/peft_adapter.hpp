@@ -474,12 +474,7 @@ void write_files(const std::filesystem::path& dir, const peft_adalora_config& co
     throw std::runtime_error(detail::concat(where, dir.string(), "': cannot create the directory (",
                                             ec.message(), ")"));
   w.write(dir / peft_weights_file);
-  const std::string config_path = (dir / peft_config_file).string();
-  try {
-    write_file_atomically(config_path, std::string_view(text));
-  } catch (const detail::file_io::failure& e) {
-    throw std::runtime_error(detail::concat(where, config_path, "': ", e.what()));
-  }
+  write_file_for("save_peft_adapter", (dir / peft_config_file).string(), std::string_view(text));
 }
 
 /// The lora_alpha under which PEFT's rule gives every module of an imported (or user-built)

@@ -105,20 +105,10 @@ inline rank_pattern from_text(std::string_view text, const std::string& source) 
 /// at `path` as it was. Throws std::invalid_argument for a module name that is not UTF-8 (JSON
 /// cannot hold it), std::runtime_error on an I/O error.
 inline void write_rank_pattern_json(const rank_pattern& p, const std::string& path) {
-  for (const auto& e : p.entries()) {
-    try {
-      (void)nlohmann::json(e.name).dump();
-    } catch (const nlohmann::json::type_error&) {
-      throw std::invalid_argument(detail::concat(
-          "adalora::write_rank_pattern_json: '", path, "': module name ",
-          json_excerpt(nlohmann::json(e.name)), " is not valid UTF-8, which JSON requires"));
-    }
-  }
-  try {
-    write_file_atomically(path, to_peft_json(p).dump(2) + '\n');
-  } catch (const detail::file_io::failure& e) {
-    throw std::runtime_error(detail::concat("adalora::write_rank_pattern_json: '", path, "': ", e.what()));
-  }
+  for (const auto& e : p.entries())
+    detail::json_io::require_utf8("write_rank_pattern_json", "'" + path + "': module name", e.name);
+  const std::string text = to_peft_json(p).dump(2) + '\n';
+  write_file_for("write_rank_pattern_json", path, std::string_view(text));
 }
 
 /// Reads PEFT's form from `path`: either the bare pattern object or a whole adapter_config.json

@@ -139,18 +139,6 @@ inline std::uint64_t shape_bytes(const char* where, const std::string& name,
   return n;
 }
 
-/// Throws std::invalid_argument unless `s` is valid UTF-8 (the header is UTF-8 JSON; nlohmann
-/// would otherwise fail later, in serialize(), with its own type_error).
-inline void require_utf8(const char* where, const char* what, const std::string& s) {
-  try {
-    (void)nlohmann::json(s).dump();
-  } catch (const nlohmann::json::type_error&) {
-    throw std::invalid_argument(concat("adalora::", where, ": ", what, " ",
-                                       json_excerpt(nlohmann::json(s)),
-                                       " is not valid UTF-8, which the JSON header requires"));
-  }
-}
-
 }  // namespace detail::st
 
 /// The header's name for a dtype ("F32", ...).
@@ -470,7 +458,7 @@ class safetensors_writer {
     constexpr const char* where = "safetensors_writer::add";
     ADALORA_REQUIRE(!name.empty() && name != "__metadata__", where,
                     "tensor name must be non-empty and not \"__metadata__\", got '", name, "'");
-    detail::st::require_utf8(where, "tensor name", name);
+    detail::json_io::require_utf8(where, "tensor name", name);
     ADALORA_REQUIRE(!names_.count(name), where, "tensor '", name, "' was already added");
     const std::uint64_t bytes = detail::st::shape_bytes(where, name, shape, dtype_size(dtype));
     ADALORA_REQUIRE(bytes == little_endian_bytes.size(), where, "tensor '", name, "' needs ",
@@ -501,8 +489,8 @@ class safetensors_writer {
 
   /// Sets a "__metadata__" entry (PEFT writes {"format": "pt"}). Both must be valid UTF-8.
   void set_metadata(std::string key, std::string value) {
-    detail::st::require_utf8("safetensors_writer::set_metadata", "key", key);
-    detail::st::require_utf8("safetensors_writer::set_metadata", "value", value);
+    detail::json_io::require_utf8("safetensors_writer::set_metadata", "key", key);
+    detail::json_io::require_utf8("safetensors_writer::set_metadata", "value", value);
     metadata_[std::move(key)] = std::move(value);
   }
 
@@ -539,14 +527,9 @@ class safetensors_writer {
   /// write_file_atomically). Throws std::runtime_error on an I/O error.
   void write(const std::filesystem::path& path) const {
     const auto bytes = serialize();
-    try {
-      write_file_atomically(
-          path.string(),
-          std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()));
-    } catch (const detail::file_io::failure& e) {
-      throw std::runtime_error(detail::concat("adalora::safetensors_writer::write: '", path.string(),
-                                              "': ", e.what()));
-    }
+    write_file_for("safetensors_writer::write", path.string(),
+                   std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(bytes.data()),
+                                                 bytes.size()));
   }
 
  private:
