@@ -11,6 +11,31 @@
 // transposed view of B), so one kernel serves both and the gradients are
 //     ∇_M f  = 2 (C − I) M / f          ∇_M f² = 4 (C − I) M          (C symmetric)
 // i.e. ∇_A f = 2 (C − I) A / f and ∇_B f = 2 B (C − I) / f.
+//
+// The Gram products are a policy, the Kernel parameter of orthogonality_regularizer<T, Kernel>,
+// so that a GEMM-class implementation (adalora/integrations/eigen_gram_kernel.hpp) can replace
+// the portable one without the core depending on it. Requirements (the GramKernel concept), for a
+// kernel type K and element type T, with Acc = K::accumulator_type:
+//  1. `using accumulator_type = Acc;`: a cv-unqualified floating-point type in which the Gram
+//     matrix and the gradient are accumulated (double for float input keeps C − I accurate where
+//     it cancels; see detail::orth_accumulator_t).
+//  2. K is default-constructible: the regularizer holds one kernel by value.
+//  3. `void reserve(index_t max_rank)`: grows the kernel's scratch; afterwards calls with
+//     r <= max_rank must allocate nothing (the regularizer's per-step no-allocation guarantee).
+//  4. `Acc gram_minus_identity(matrix_view<const T> m, Acc* d) noexcept`: m is r × n with any
+//     strides (row-major A, or the transposed view of a row-major B); writes D = m·mᵀ − I into d
+//     (r × r, row-major, all r² entries, symmetric) and returns ||D||²_F. d has room for r²
+//     values. finish_gram_minus_identity does the "− I, mirror, norm" part from an upper
+//     triangle.
+//  5. `void add_scaled_product(const Acc* d, Acc scale, matrix_view<const T> m,
+//                              matrix_view<T> g) noexcept`: g (r × n like m, not overlapping it)
+//     += scale · D · m, each element updated as T(Acc(g) + scale·(D·m)(i, k)), one rounding.
+//  6. Both calls in 4 and 5 are noexcept: the regularizer validates every input before it writes
+//     anything, and a kernel that threw halfway would leave the gradients half-updated.
+// The regularizer calls check_gram_kernel<K, T>(), which names each signature requirement a
+// kernel misses in its own static_assert. The behaviour (values, symmetry, no allocation after
+// reserve) the compiler cannot check: docs/orthogonality_kernels.md says how to write a kernel
+// and test it against portable_gram_kernel.
 
 #include <cmath>
 #include <concepts>
@@ -20,6 +45,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "adalora/adapter_set.hpp"
 #include "adalora/config.hpp"
 #include "adalora/matrix_view.hpp"
 #include "adalora/svd_adapter_ref.hpp"
@@ -31,7 +57,7 @@ namespace adalora {
 enum class orthogonality_form {
   /// R = w · (1/N) · Σ_M f(M), the Frobenius norm NOT squared, averaged over the matrices: what
   /// the reference code computes (loralib compute_orth_regu; PEFT AdaLoraModel.forward, which
-  /// adds it to outputs.loss). See SPEC §8.
+  /// adds it to outputs.loss). See docs/algorithm.md §8.
   reference_mean,
   /// R = w · Σ_M f(M)², squared and summed (no mean): the paper's regularizer
   /// R(P, Q) = ||PᵀP − I||²_F + ||QQᵀ − I||²_F summed over the adapted weights with weight γ
@@ -110,18 +136,92 @@ Acc finish_gram(Acc* d, index_t r) noexcept {
 }
 
 }  // namespace detail
-/// The portable (standard-library only) kernel of the regularizer. It also states the
-/// requirements on a faster kernel (e.g. an Eigen GEMM one) plugged in as the Kernel parameter of
-/// orthogonality_regularizer<T, Kernel>:
-///  0. `using accumulator_type = ...;` (Acc below), default-constructible, and
-///     `void reserve(index_t max_rank)`: after it, calls with r <= max_rank allocate nothing.
-///  1. `Acc gram_minus_identity(matrix_view<const T> m, Acc* d) noexcept`
-///     m is r × n with any strides; writes D = m·mᵀ − I into d (r × r, row-major, all r² entries,
-///     symmetric) and returns ||D||²_F.
-///  2. `void add_scaled_product(const Acc* d, Acc scale, matrix_view<const T> m,
-///                              matrix_view<T> g) noexcept`
-///     g (r × n like m, not overlapping m) += scale · D · m, each element updated as
-///     T(Acc(g) + scale·(D·m)(i, k)), one rounding.
+
+/// For writers of a Gram kernel (requirement 4): given the upper triangle (j >= i) of the r × r
+/// Gram C = M·Mᵀ in d (row-major), forms D = C − I in place, mirrors it into the lower triangle
+/// and returns ||D||²_F, summed in the built-in kernels' order. A kernel whose Gram entries are
+/// the same bits as the portable kernel's then returns the same norm, bit for bit.
+template <class Acc>
+Acc finish_gram_minus_identity(Acc* d, index_t r) noexcept {
+  return detail::finish_gram(d, r);
+}
+
+namespace detail {
+template <class K>
+concept gram_has_accumulator = requires { typename K::accumulator_type; } &&
+                               std::floating_point<typename K::accumulator_type> &&
+                               !std::is_const_v<typename K::accumulator_type> &&
+                               !std::is_volatile_v<typename K::accumulator_type>;
+template <class K>
+concept gram_has_reserve = requires(K& kernel, index_t max_rank) { kernel.reserve(max_rank); };
+template <class K, class T>
+concept gram_has_gram_minus_identity =
+    gram_has_accumulator<K> &&
+    requires(K& kernel, matrix_view<const T> m, typename K::accumulator_type* d) {
+      { kernel.gram_minus_identity(m, d) } -> std::same_as<typename K::accumulator_type>;
+    };
+template <class K, class T>
+concept gram_has_add_scaled_product =
+    gram_has_accumulator<K> &&
+    requires(K& kernel, const typename K::accumulator_type* d, typename K::accumulator_type scale,
+             matrix_view<const T> m, matrix_view<T> g) {
+      kernel.add_scaled_product(d, scale, m, g);
+    };
+template <class K, class T>
+concept gram_calls_noexcept =
+    gram_has_gram_minus_identity<K, T> && gram_has_add_scaled_product<K, T> &&
+    requires(K& kernel, matrix_view<const T> m, matrix_view<T> g,
+             typename K::accumulator_type* d, const typename K::accumulator_type* cd,
+             typename K::accumulator_type scale) {
+      { kernel.gram_minus_identity(m, d) } noexcept;
+      { kernel.add_scaled_product(cd, scale, m, g) } noexcept;
+    };
+}  // namespace detail
+
+/// K computes the regularizer's Gram products for elements of type T; see the requirements at
+/// the top of this header.
+template <class K, class T>
+concept GramKernel = detail::gram_has_accumulator<K> && std::default_initializable<K> &&
+                     detail::gram_has_reserve<K> && detail::gram_has_gram_minus_identity<K, T> &&
+                     detail::gram_has_add_scaled_product<K, T> && detail::gram_calls_noexcept<K, T>;
+
+/// Names each requirement a Gram kernel misses, at compile time (requirements 4 to 6 are only
+/// checked once accumulator_type exists, since they are written in terms of it).
+template <class K, class T>
+consteval bool check_gram_kernel() {
+  static_assert(detail::gram_has_accumulator<K>,
+                "adalora: a Gram kernel needs `using accumulator_type = Acc;`, a cv-unqualified "
+                "floating-point type in which it accumulates the Gram matrix and the gradient "
+                "(e.g. double for float input, as portable_gram_kernel)");
+  static_assert(std::default_initializable<K>,
+                "adalora: a Gram kernel must be default-constructible (orthogonality_regularizer "
+                "holds one by value)");
+  static_assert(detail::gram_has_reserve<K>,
+                "adalora: a Gram kernel needs the member function `void reserve(adalora::index_t "
+                "max_rank)`, after which calls with r <= max_rank allocate nothing");
+  if constexpr (detail::gram_has_accumulator<K>) {
+    static_assert(detail::gram_has_gram_minus_identity<K, T>,
+                  "adalora: a Gram kernel needs the member function `Acc gram_minus_identity("
+                  "adalora::matrix_view<const T> m, Acc* d) noexcept` (Acc = accumulator_type) "
+                  "that writes D = m * m^T - I (r x r, row-major, all r*r entries) into d and "
+                  "returns its squared Frobenius norm as Acc");
+    static_assert(detail::gram_has_add_scaled_product<K, T>,
+                  "adalora: a Gram kernel needs the member function `void add_scaled_product("
+                  "const Acc* d, Acc scale, adalora::matrix_view<const T> m, "
+                  "adalora::matrix_view<T> g) noexcept` (Acc = accumulator_type) that adds "
+                  "scale * D * m into g");
+    if constexpr (detail::gram_has_gram_minus_identity<K, T> &&
+                  detail::gram_has_add_scaled_product<K, T>)
+      static_assert(detail::gram_calls_noexcept<K, T>,
+                    "adalora: a Gram kernel's gram_minus_identity and add_scaled_product must be "
+                    "noexcept (the regularizer validates every input before it writes; a kernel "
+                    "that threw halfway would leave the gradients half-updated)");
+  }
+  return true;
+}
+
+/// The portable (standard-library only) kernel of the regularizer, and the reference for the
+/// GramKernel requirements at the top of this header.
 ///
 /// How this one is fast without reassociating sums (it must give the same bits everywhere, so
 /// no -ffast-math-style reductions): blocks of `block` columns of m are packed, converted to Acc,
@@ -284,8 +384,10 @@ T orthogonality_mean_from_norms(std::span<const T> norms, double weight,
 /// AdaLoRA's orthogonality regularizer over a set of adapters, with its analytic gradient.
 ///
 ///   reference_mean (default):  R = w · (1/N) · Σ_M ||C(M) − I||_F
-///                              (loralib compute_orth_regu, PEFT AdaLoraModel.forward; SPEC §8)
-///   paper_squared:             R = w · Σ_M ||C(M) − I||²_F      (the paper's form; SPEC §11)
+///                              (loralib compute_orth_regu, PEFT AdaLoraModel.forward;
+///                              docs/algorithm.md §8)
+///   paper_squared:             R = w · Σ_M ||C(M) − I||²_F
+///                              (the paper's form; docs/algorithm.md §11)
 /// over every M in {A_k, B_k}, C(A) = A·Aᵀ, C(B) = Bᵀ·B, N = 2·(number of adapters).
 ///
 /// Guarantees:
@@ -311,29 +413,12 @@ class orthogonality_regularizer {
                 "adalora::orthogonality_regularizer<T>: T must be a cv-unqualified floating-point "
                 "type (float or double)");
 
+  static_assert(check_gram_kernel<Kernel, T>());
+
  public:
   using value_type = T;
   using kernel_type = Kernel;
   using accumulator_type = typename Kernel::accumulator_type;
-
-  static_assert(std::is_floating_point_v<accumulator_type>,
-                "adalora::orthogonality_regularizer: Kernel::accumulator_type must be a "
-                "floating-point type (see portable_gram_kernel)");
-  static_assert(
-      requires(Kernel& kernel, index_t r) { kernel.reserve(r); },
-      "adalora::orthogonality_regularizer: Kernel must provide `void reserve(index_t max_rank)` "
-      "(see portable_gram_kernel)");
-  static_assert(
-      requires(Kernel& kernel, matrix_view<const T> m, accumulator_type* d) {
-        { kernel.gram_minus_identity(m, d) } -> std::same_as<accumulator_type>;
-      },
-      "adalora::orthogonality_regularizer: Kernel must provide "
-      "`Acc gram_minus_identity(matrix_view<const T>, Acc*)` (see portable_gram_kernel)");
-  static_assert(
-      requires(Kernel& kernel, const accumulator_type* d, accumulator_type s,
-               matrix_view<const T> m, matrix_view<T> g) { kernel.add_scaled_product(d, s, m, g); },
-      "adalora::orthogonality_regularizer: Kernel must provide `void add_scaled_product(const "
-      "Acc*, Acc, matrix_view<const T>, matrix_view<T>)` (see portable_gram_kernel)");
 
   /// Throws std::invalid_argument for a negative or non-finite weight or an unknown enumerator.
   explicit orthogonality_regularizer(const orthogonality_options& options = {})
@@ -374,6 +459,14 @@ class orthogonality_regularizer {
   T value_and_gradient(std::span<const svd_adapter_ref<T>> params,
                        std::span<const svd_adapter_ref<T>> grads, std::span<T> norms = {}) {
     return run<T>("orthogonality_regularizer::value_and_gradient", params, &grads, norms);
+  }
+
+  /// R of an adapter_set's adapters, and (value_and_gradient) its gradient added into theirs.
+  T value(const adapter_set<T>& adapters, std::span<T> norms = {}) {
+    return value(adapters.params(), norms);
+  }
+  T value_and_gradient(const adapter_set<T>& adapters, std::span<T> norms = {}) {
+    return value_and_gradient(adapters.params(), adapters.grads(), norms);
   }
 
  private:

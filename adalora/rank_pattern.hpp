@@ -14,7 +14,7 @@
 namespace adalora {
 
 /// A rank pattern: per adapter (by module name) one flag per initial triplet, true = kept.
-/// This is PEFT's AdaLoraConfig.rank_pattern (`{"<name>.lora_E": [bool, ...]}`, SPEC §7);
+/// This is PEFT's AdaLoraConfig.rank_pattern (`{"<name>.lora_E": [bool, ...]}`, docs/algorithm.md §7);
 /// loralib's form, `{"<name>.lora_E": kept count}`, is counts(). JSON reading and writing live
 /// in adalora/io/rank_pattern_json.hpp so that this header needs the standard library only.
 class rank_pattern {

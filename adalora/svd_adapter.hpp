@@ -38,20 +38,13 @@
 namespace adalora {
 
 // This header's internals, nested so that generic helper names cannot collide with other headers'.
-namespace detail::svd {
-
-/// Blocks template argument deduction so that T comes from adapter_scale<T> / the workspace and
-/// a view of T converts implicitly to a view of const T.
-template <class X>
-using nodeduce_t = std::type_identity_t<X>;
-
-/// A bool per singular value (PEFT rank_pattern entry): std::vector<bool>, std::array<bool, N>,
-/// std::span<const bool>, ...
+/// A bool per singular value, true where the triplet is kept (a PEFT rank_pattern entry):
+/// std::vector<bool>, std::array<bool, N>, std::span<const bool>, ...
 template <class M>
-concept bool_mask_range =
-    std::ranges::random_access_range<const M> && std::ranges::sized_range<const M> &&
-    std::convertible_to < std::ranges::range_reference_t<const M>,
-bool > ;
+concept keep_mask = std::ranges::random_access_range<const M> && std::ranges::sized_range<const M> &&
+                    std::convertible_to<std::ranges::range_reference_t<const M>, bool>;
+
+namespace detail::svd {
 
 template <class V>
 void check_view(const matrix_view<V>& v, const char* where, const char* argument) {
@@ -417,9 +410,9 @@ void resize_impl(const svd_adapter_ref<const T>& src, const M& mask, const svd_a
 /// caller's: pass the dropped-out x). The base layer's x · Wᵀ + b is not included. Uses `ws` for
 /// the r × in and n × r intermediates; allocates only when ws is too small.
 template <class T>
-void adapter_forward(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
-                     const adapter_scale<T>& scale, detail::svd::nodeduce_t<matrix_view<const T>> x,
-                     detail::svd::nodeduce_t<matrix_view<T>> y, adapter_workspace<T>& ws) {
+void adapter_forward(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
+                     const adapter_scale<T>& scale, std::type_identity_t<matrix_view<const T>> x,
+                     std::type_identity_t<matrix_view<T>> y, adapter_workspace<T>& ws) {
   detail::svd::forward_impl(adapter, scale, x, y, ws, "adapter_forward");
 }
 
@@ -430,12 +423,12 @@ void adapter_forward(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& ad
 ///   dx += dh · (A ⊙ E).
 /// The base weight's contribution to dx (dy · W) is not included. Uses `ws` for scratch.
 template <class T>
-void adapter_backward(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
+void adapter_backward(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
                       const adapter_scale<T>& scale,
-                      detail::svd::nodeduce_t<matrix_view<const T>> x,
-                      detail::svd::nodeduce_t<matrix_view<const T>> dy,
-                      const detail::svd::nodeduce_t<svd_adapter_ref<T>>& grads,
-                      adapter_workspace<T>& ws, detail::svd::nodeduce_t<matrix_view<T>> dx = {}) {
+                      std::type_identity_t<matrix_view<const T>> x,
+                      std::type_identity_t<matrix_view<const T>> dy,
+                      const std::type_identity_t<svd_adapter_ref<T>>& grads,
+                      adapter_workspace<T>& ws, std::type_identity_t<matrix_view<T>> dx = {}) {
   detail::svd::backward_impl(adapter, scale, x, dy, grads, ws, dx, "adapter_backward");
 }
 
@@ -443,8 +436,8 @@ void adapter_backward(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& a
 /// pass a transposed view for fan_in_fan_out storage). PEFT SVDLinear.get_delta_weight, loralib
 /// SVDLinear.train()/eval(). `out` must not overlap the adapter's tensors.
 template <class T>
-void delta_weight(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
-                  const adapter_scale<T>& scale, detail::svd::nodeduce_t<matrix_view<T>> out) {
+void delta_weight(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
+                  const adapter_scale<T>& scale, std::type_identity_t<matrix_view<T>> out) {
   detail::svd::delta_impl(adapter, scale, out, "delta_weight");
 }
 
@@ -454,28 +447,28 @@ void delta_weight(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapt
 /// is not. Allocates nothing. Not bit-reversible: unmerge(merge(W)) may differ from W in the
 /// last bit (golden max_abs_diff_unmerged_vs_original_W).
 template <class T>
-void merge(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
-           const adapter_scale<T>& scale, detail::svd::nodeduce_t<matrix_view<T>> W,
+void merge(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
+           const adapter_scale<T>& scale, std::type_identity_t<matrix_view<T>> W,
            bool safe_merge = false) {
   detail::svd::merge_impl(adapter, scale, W, safe_merge, "merge");
 }
 
 /// W -= ΔW (PEFT SVDLinear.unmerge, loralib SVDLinear.train()); same layout rules as merge().
 template <class T>
-void unmerge(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
-             const adapter_scale<T>& scale, detail::svd::nodeduce_t<matrix_view<T>> W) {
+void unmerge(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
+             const adapter_scale<T>& scale, std::type_identity_t<matrix_view<T>> W) {
   detail::svd::unmerge_impl(adapter, scale, W, "unmerge");
 }
 
 /// Number of true entries of a rank mask (PEFT: sum(rank_pattern[name])).
-template <detail::svd::bool_mask_range M>
+template <keep_mask M>
 index_t kept_rank(const M& mask) {
   return detail::svd::count_kept(mask);
 }
 
 /// E_i = 0 where mask[i] is false (PEFT `lora_E.masked_fill_(~mask, 0.0)`,
 /// RankAllocator.mask_using_rank_pattern); A and B are left alone. Returns the kept count.
-template <class T, detail::svd::bool_mask_range M>
+template <class T, keep_mask M>
 index_t mask_singular_values(vector_view<T> E, const M& mask) {
   static_assert(!std::is_const_v<T>,
                 "adalora::mask_singular_values: E must be a view of mutable elements");
@@ -490,8 +483,8 @@ index_t mask_singular_values(vector_view<T> E, const M& mask) {
 /// resize_modules_by_rank_pattern): the true rows of A, entries of E and columns of B, in order.
 /// dst must be (kept × in), (kept), (out × kept); kept = 0 is allowed. Keep using the ORIGINAL
 /// adapter_scale (r_init) with dst so that its output equals the masked src's.
-template <class T, detail::svd::bool_mask_range M>
-void resize_adapter(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& src, const M& mask,
+template <class T, keep_mask M>
+void resize_adapter(const std::type_identity_t<svd_adapter_ref<const T>>& src, const M& mask,
                     const svd_adapter_ref<T>& dst) {
   static_assert(!std::is_const_v<T>, "adalora::resize_adapter: dst must be a mutable adapter");
   detail::svd::resize_impl(src, mask, dst, "resize_adapter");
@@ -590,7 +583,7 @@ class svd_adapter {
   }
 
   /// Zeroes E where mask is false; returns the kept count. See mask_singular_values().
-  template <detail::svd::bool_mask_range M>
+  template <keep_mask M>
   index_t mask(const M& keep) {
     detail::svd::check_mask(keep, r_, "svd_adapter::mask");
     return mask_singular_values(vector_view<T>(E_.data(), r_), keep);
@@ -598,7 +591,7 @@ class svd_adapter {
 
   /// A new adapter with only the kept triplets, the same alpha and r_init (so its output equals
   /// this adapter's after mask(mask)) and zero gradients. PEFT resize_modules_by_rank_pattern.
-  template <detail::svd::bool_mask_range M>
+  template <keep_mask M>
   svd_adapter resized(const M& keep) const {
     detail::svd::check_mask(keep, r_, "svd_adapter::resized");
     svd_adapter result(in_, out_, detail::svd::count_kept(keep), scale_);
@@ -607,7 +600,7 @@ class svd_adapter {
   }
 
   /// Becomes resized(mask).
-  template <detail::svd::bool_mask_range M>
+  template <keep_mask M>
   void resize(const M& keep) {
     *this = resized(keep);
   }

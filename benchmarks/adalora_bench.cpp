@@ -1,9 +1,9 @@
-// adalora micro-benchmarks (issue 5): the allocator step and its importance update, the
+// adalora micro-benchmarks (targets: docs/algorithm.md §13): the allocator step and its importance update, the
 // orthogonality regularizer (portable and Eigen kernels), the adapter forward/backward at full and
 // half rank, and the rooflines they are judged against (STREAM triad, Eigen GEMM) in the same
 // binary, so that "% of triad" compares numbers measured on the same machine in the same run.
 //
-// Shapes are those of issue 5 (bench_common.hpp). Every benchmark reports real (wall) time.
+// Shapes: DeBERTaV3-base r=12, LLaMA-7B r=8 and r=64 (bench_common.hpp). Every benchmark reports real (wall) time.
 // Counters: bytes_per_second and triad_fraction for memory-bound work, FLOP/s and gemm_fraction
 // for compute-bound work.
 

@@ -1,5 +1,5 @@
 #pragma once
-// Shared pieces of the benchmarks: the model shapes of issue 5, the adapters' tensors in one
+// Shared pieces of the benchmarks: the model shapes of docs/algorithm.md §13, the adapters' tensors in one
 // arena per model (allocated once per shape, not once per benchmark), a STREAM triad as the
 // memory roofline and an Eigen GEMM as the compute roofline.
 //
@@ -94,7 +94,7 @@ inline model_shape llama_7b(index_t r) {
   return m;
 }
 
-/// The three shapes of issue 5, by index (benchmark arguments are integers).
+/// The three benchmark shapes (docs/algorithm.md §13), by index (benchmark arguments are integers).
 inline const model_shape& shape_by_index(std::int64_t i) {
   static const model_shape shapes[] = {deberta_v3_base(12), llama_7b(8), llama_7b(64)};
   return shapes[i];

@@ -6,14 +6,14 @@ which builds the binary with --config=opt first:
 
     benchmarks/compare.sh [--reps N] [--threads 1,2] [--json PATH] [--quick]
 
-What is compared, per shape of issue 5 (DeBERTaV3-base r=12, LLaMA-7B r=8 and r=64):
+What is compared, per benchmark shape (DeBERTaV3-base r=12, LLaMA-7B r=8 and r=64):
   importance_update  PEFT RankAllocator.update_ipt: per parameter, ipt = (p*g).abs(), then the
-                     two EMAs, each a fresh tensor (SPEC section 4).
+                     two EMAs, each a fresh tensor (docs/algorithm.md §4).
   allocator_step     update_ipt + mask_to_budget: per-parameter element scores, means over
                      dim 1 (A) / dim 0 (B), the concatenated triplet scores, torch.kthvalue and
-                     masked_fill_ on E (SPEC sections 4-6), pruning to half the initial budget.
+                     masked_fill_ on E (docs/algorithm.md §4-§6), pruning to half the initial budget.
   orthogonality      torch autograd of the regularizer, sum of ||A A^T - I||_F and
-                     ||B^T B - I||_F over all adapters (SPEC section 8), value + backward.
+                     ||B^T B - I||_F over all adapters (docs/algorithm.md §8), value + backward.
 against the binary's allocator_step / importance_update and its orthogonality regularizer with
 the Eigen kernel. The same thread count is used on both sides (torch.set_num_threads).
 
@@ -41,7 +41,7 @@ binary's adapter_pair benchmarks: both adapters in alternation, each pass timed)
                       x, read and write y; backward: read x and dy, read and write dx), measured
                       as the same traffic with one add per element.
 
-The PyTorch idioms below are written from the description in SPEC sections 4-8, not copied.
+The PyTorch idioms below are written from the description in docs/algorithm.md §4-§8, not copied.
 """
 
 import argparse

@@ -16,10 +16,8 @@
 #include <string>
 #include <vector>
 
-#include "adalora/budget_schedule.hpp"
-#include "adalora/orthogonality.hpp"
-#include "adalora/rank_allocator.hpp"
-#include "adalora/svd_adapter.hpp"
+#include "adalora/adalora.hpp"
+#include "examples/common/planted_update.hpp"
 
 namespace {
 
@@ -30,21 +28,6 @@ struct layer {
   index_t in, out, hidden_rank;
   std::vector<float> target;  // the update the adapter should learn, out × in
 };
-
-/// A rank-k matrix U·diag(s)·Vᵀ with orthonormal-ish random factors and singular values 1..k.
-std::vector<float> planted_update(index_t out, index_t in, index_t k, std::mt19937_64& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> m(static_cast<std::size_t>(out * in), 0.0f);
-  for (index_t c = 0; c < k; ++c) {
-    std::vector<float> u(static_cast<std::size_t>(out)), v(static_cast<std::size_t>(in));
-    for (auto& x : u) x = normal(rng) / std::sqrt(float(out));
-    for (auto& x : v) x = normal(rng) / std::sqrt(float(in));
-    const float s = float(k - c);
-    for (index_t i = 0; i < out; ++i)
-      for (index_t j = 0; j < in; ++j) m[static_cast<std::size_t>(i * in + j)] += s * u[i] * v[j];
-  }
-  return m;
-}
 
 }  // namespace
 
@@ -57,32 +40,24 @@ int main(int argc, char** argv) {
   std::vector<layer> layers = {{24, 16, 4, {}}, {16, 16, 0, {}}, {16, 12, 2, {}}};
   const index_t r = 6, target_total = 6, batch = 32;
   std::vector<adalora::svd_adapter<float>> adapters;
-  std::vector<adalora::adapter_shape> shapes;
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    auto& L = layers[l];
-    L.target = planted_update(L.out, L.in, L.hidden_rank, rng);
+  for (auto& L : layers) {
+    L.target = adalora_examples::planted_update(L.out, L.in, L.hidden_rank, rng);
     adapters.emplace_back(L.in, L.out, r, /*alpha=*/double(r));
     adapters.back().initialize(rng);
-    shapes.push_back({"layer" + std::to_string(l), L.in, L.out, r});
   }
+  // One named set of the adapters' views, which the regularizer and the allocator both take.
+  adalora::adapter_set<float> set;
+  for (std::size_t l = 0; l < adapters.size(); ++l) set.add("layer" + std::to_string(l), adapters[l]);
 
-  // The three policies: regularizer, schedule, allocator (smoothed sensitivity by default).
+  // The three policies: regularizer, schedule, allocator (smoothed sensitivity by default). The
+  // schedule's initial budget is the sum of the adapters' ranks, which the allocator fills in.
   adalora::orthogonality_regularizer<float> orth({.weight = 0.1});
   adalora::rank_allocator<float> allocator(
-      shapes, adalora::cubic_schedule({.initial_budget = r * index_t(layers.size()),
-                                       .target_budget = target_total,
-                                       .total_step = steps,
-                                       .tinit = steps / 10,
-                                       .tfinal = steps / 4,
-                                       .delta_t = 10}));
-
-  std::vector<adalora::svd_adapter_ref<float>> params, grads;
-  std::vector<adalora::adapter_tensors<float>> tensors;
-  for (auto& a : adapters) {
-    params.push_back(a.params());
-    grads.push_back(a.grads());
-    tensors.push_back({a.params(), a.grads()});
-  }
+      set, adalora::cubic_schedule({.target_budget = target_total,
+                                    .total_step = steps,
+                                    .tinit = steps / 10,
+                                    .tfinal = steps / 4,
+                                    .delta_t = 10}));
 
   const float lr = 0.1f;
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -105,7 +80,7 @@ int main(int argc, char** argv) {
         }
       adapters[l].backward(make_matrix_view<const float>(x.data(), batch, L.in), make_matrix_view<const float>(dy.data(), batch, L.out));
     }
-    const float reg = orth.value_and_gradient(params, grads);  // adds ∂R/∂A, ∂R/∂B into grads
+    const float reg = orth.value_and_gradient(set);  // adds ∂R/∂A, ∂R/∂B into grads
 
     for (auto& a : adapters) {  // SGD, then the allocator, then clear the gradients
       auto p = a.params();
@@ -114,7 +89,7 @@ int main(int argc, char** argv) {
       for (index_t i = 0; i < p.E.size(); ++i) p.E.data()[i] -= lr * g.E.data()[i];
       for (index_t i = 0; i < p.B.size(); ++i) p.B.data()[i] -= lr * g.B.data()[i];
     }
-    const auto& step = allocator.step(t, tensors);  // after optimizer.step(), t from 0
+    const auto& step = allocator.step(t, set);  // after optimizer.step(), t from 0
     for (auto& a : adapters) a.zero_grad();
 
     if (t % (steps / 6) == 0 || t == steps - 1)

@@ -27,13 +27,13 @@ TEMPLATE_TEST_CASE("rank_allocator::step never allocates, in any phase", "[alloc
           {adalora::make_matrix_view<const TestType>(gA.data(), r, in),
            adalora::vector_view<const TestType>(gE.data(), r),
            adalora::make_matrix_view<const TestType>(gB.data(), out, r)}});
-  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
+  for (auto semantics : {adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib}) {
     for (auto ties : {adalora::tie_policy::prune_all_ties, adalora::tie_policy::exact_budget}) {
       adalora::rank_allocator<TestType> alloc(
           {{"a", in, out, r}, {"b", in, out, r}},
           adalora::cubic_schedule({.initial_budget = 2 * r, .target_budget = 3, .total_step = 40,
                                    .tinit = 3, .tfinal = 8, .delta_t = 2}),
-          {}, {.semantics = semantics, .ties = ties});
+          {}, {.final_phase = semantics, .ties = ties});
       REQUIRE(allocation_counter::wired());
       const auto before = allocation_counter::count();
       int masks = 0;

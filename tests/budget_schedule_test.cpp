@@ -27,7 +27,7 @@ schedule_options options_of(const nlohmann::json& c) {
           .delta_t = c.at("deltaT").get<int64_t>()};
 }
 
-// The golden main config (SPEC §5 example).
+// The golden main config (docs/algorithm.md §5, worked example).
 constexpr schedule_options main_options{.initial_budget = 40, .target_budget = 20,
                                         .total_step = 60, .tinit = 10, .tfinal = 10,
                                         .delta_t = 5};
@@ -151,7 +151,7 @@ TEST_CASE("cubic_schedule rejects the config of PEFT issue #2337 (no budgeting p
   REQUIRE(invalid_configs == 1);
 }
 
-TEST_CASE("SPEC §5 worked example: budgets for t = 10..16 and the first mask at t = 15",
+TEST_CASE("docs/algorithm.md §5 worked example: budgets for t = 10..16 and the first mask at t = 15",
           "[schedule]") {
   const adalora::cubic_schedule s(main_options);
   const std::vector<int64_t> expected = {40, 38, 37, 35, 34, 33, 32};

@@ -148,7 +148,7 @@ std::vector<std::uint64_t> snapshot(const A& alloc) {
   for (auto x : s.kept) v.push_back(x);
   for (auto x : s.scores) v.push_back(bits(x));
   const auto& r = *s.last;
-  for (auto x : {r.step, r.budget, r.k, r.non_finite, std::int64_t(r.kept_total)})
+  for (auto x : {r.step, r.budget, r.prune_count, r.non_finite, std::int64_t(r.kept_total)})
     v.push_back(static_cast<std::uint64_t>(x));
   for (bool b : {r.mask_due, r.importance_updated, r.forced, r.skipped}) v.push_back(b);
   v.push_back(static_cast<std::uint64_t>(r.action));
@@ -252,7 +252,7 @@ void check_resume(adalora::allocator_options o, std::int64_t k, via how, unsigne
   if (how == via::file_and_config) {
     auto c = adalora::read_checkpoint_config<T>(path);
     REQUIRE(c.shapes.size() == run_shapes.size());
-    REQUIRE(c.options.semantics == o.semantics);
+    REQUIRE(c.options.final_phase == o.final_phase);
     c.options.threads = resume_threads;
     allocator_t<T> second(c.shapes, c.schedule, c.metric, c.options);
     resume(second);
@@ -289,10 +289,10 @@ TEMPLATE_TEST_CASE("resume equals a straight run bit for bit, in every phase and
   // right after T - tfinal (24: PEFT's force mask done), and inside the final phase (28).
   const std::int64_t ks[] = {0, 3, 6, 10, 13, 24, 28};
   const via hows[] = {via::bytes, via::file, via::stream, via::file_and_config};
-  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
+  for (auto semantics : {adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib}) {
     for (std::size_t i = 0; i < std::size(ks); ++i) {
-      INFO((semantics == adalora::final_phase::peft ? "peft" : "loralib") << ", k = " << ks[i]);
-      check_resume<T>({.semantics = semantics}, ks[i], hows[i % std::size(hows)]);
+      INFO((semantics == adalora::final_phase_rule::peft ? "peft" : "loralib") << ", k = " << ks[i]);
+      check_resume<T>({.final_phase = semantics}, ks[i], hows[i % std::size(hows)]);
     }
   }
 }
@@ -302,13 +302,13 @@ TEMPLATE_TEST_CASE("resume is exact with other policies and another thread count
   using T = TestType;
   // exact_budget ties and skip_step (the NaN steps are skipped whole); the resumed allocator
   // runs with 2 threads, which must not change a bit.
-  const adalora::allocator_options o = {.semantics = adalora::final_phase::peft,
+  const adalora::allocator_options o = {.final_phase = adalora::final_phase_rule::peft,
                                         .ties = adalora::tie_policy::exact_budget,
                                         .non_finite = adalora::non_finite_policy::skip_step};
   for (std::int64_t k : {8, 21, 25}) {
     INFO("k = " << k);
     check_resume<T>(o, k, via::file_and_config, 2);
-    check_resume<T>({.semantics = adalora::final_phase::loralib}, k, via::bytes, 2);
+    check_resume<T>({.final_phase = adalora::final_phase_rule::loralib}, k, via::bytes, 2);
   }
 }
 
@@ -509,8 +509,8 @@ TEST_CASE("a checkpoint of another configuration is refused, naming the differen
                    "allocator has 'sensitivity' {}");
   }
   SECTION("allocator options; the thread count may differ") {
-    allocator_t<float> loralib(run_shapes, sched, {}, {.semantics = adalora::final_phase::loralib});
-    refuses(loralib, "final_phase::peft, the allocator final_phase::loralib");
+    allocator_t<float> loralib(run_shapes, sched, {}, {.final_phase = adalora::final_phase_rule::loralib});
+    refuses(loralib, "final_phase_rule::peft, the allocator final_phase_rule::loralib");
     allocator_t<float> exact(run_shapes, sched, {}, {.ties = adalora::tie_policy::exact_budget});
     refuses(exact, "tie_policy::prune_all_ties, the allocator tie_policy::exact_budget");
     allocator_t<float> strict(run_shapes, sched, {}, {.non_finite = adalora::non_finite_policy::throw_error});
@@ -652,7 +652,7 @@ TEMPLATE_TEST_CASE("independent allocators run concurrently, each equal to its s
 
   auto run = [&](int id, unsigned threads, bool checkpoint) {
     const adalora::allocator_options o = {
-        .semantics = id % 2 ? adalora::final_phase::loralib : adalora::final_phase::peft,
+        .final_phase = id % 2 ? adalora::final_phase_rule::loralib : adalora::final_phase_rule::peft,
         .threads = threads};
     model<T> m(shapes, static_cast<std::uint64_t>(id) + 1);
     auto views = m.views();
@@ -692,7 +692,7 @@ TEMPLATE_TEST_CASE("independent allocators run concurrently, each equal to its s
   REQUIRE(twins[0] != twins[1]);  // the runs really differ from each other
 }
 
-// ---- hostile inputs (issue 14) -----------------------------------------------------------------
+// ---- hostile inputs (docs/reliability.md, "Bad input") -----------------------------------------------------------------
 
 namespace {
 

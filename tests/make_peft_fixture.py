@@ -2,7 +2,7 @@
 """Writes tests/data/peft_adalora/: an AdaLoRA adapter laid out the way PEFT saves one.
 
 PEFT itself cannot be installed here (no PyPI), so this script reproduces its save path with
-torch alone (Debian's python3-torch), step by step as SPEC §7 describes it:
+torch alone (Debian's python3-torch), step by step as docs/algorithm.md §7 describes it:
   * every module is built at init_r; training masks E in place (E[~pattern] = 0);
   * get_peft_model_state_dict keeps the "lora_" keys (and, with bias="lora_only", the adapted
     modules' biases), strips the adapter name, and resize_state_dict_by_rank_pattern keeps the

@@ -144,7 +144,7 @@ TEMPLATE_TEST_CASE("PEFT export, then import: resized adapters give the masked o
     const auto& m = loaded.modules[l];
     REQUIRE(m.name == set.names[l]);
     REQUIRE(m.adapter.rank() == set.pattern.entries()[l].kept_count());
-    REQUIRE(m.adapter.r_init() == 6);  // scaling / (ranknum + 1e-5) unchanged (SPEC §7)
+    REQUIRE(m.adapter.r_init() == 6);  // scaling / (ranknum + 1e-5) unchanged (docs/algorithm.md §7)
     const index_t n = 5;
     std::vector<T> x(static_cast<std::size_t>(n * m.adapter.in_features()));
     for (auto& e : x) e = normal(rng);

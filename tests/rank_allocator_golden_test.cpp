@@ -2,7 +2,7 @@
 // r = 8 -> target_r = 4, T = 60, tinit = tfinal = 10, deltaT = 5) through rank_allocator, for
 // PEFT's and loralib's final-phase semantics, in float and double.
 //
-// Tolerances (golden README, SPEC §4/§12):
+// Tolerances (docs/algorithm.md §4, §12):
 //  - budgets, k, mask flags, kept counts, which E entries are zero, the rank pattern, and every
 //    parameter value: exact. SGD replays exactly by construction (int·2^-16 values, lr = 2^-6),
 //    and masking only writes zeros.
@@ -53,12 +53,12 @@ constexpr double score_tol() {
 }
 
 template <class T>
-void replay(adalora::final_phase semantics) {
+void replay(adalora::final_phase_rule semantics) {
   const nlohmann::json& g = golden_main();
   const auto& cfg = g["config"];
   const double scale = cfg["value_scale"].get<double>();
   const T lr = static_cast<T>(cfg["lr"].get<double>());
-  const std::string key = std::string(semantics == adalora::final_phase::peft ? "peft" : "loralib") +
+  const std::string key = std::string(semantics == adalora::final_phase_rule::peft ? "peft" : "loralib") +
                           (std::is_same_v<T, float> ? "_f32" : "_f64");
   const auto& expected = g["expected"][key];
 
@@ -89,7 +89,7 @@ void replay(adalora::final_phase semantics) {
       shapes, schedule,
       adalora::smoothed_sensitivity({.beta1 = cfg["beta1"].get<double>(),
                                      .beta2 = cfg["beta2"].get<double>()}),
-      {.semantics = semantics});
+      {.final_phase = semantics});
 
   std::vector<adalora::adapter_tensors<T>> views;
   for (auto& t : layers)
@@ -125,7 +125,7 @@ void replay(adalora::final_phase semantics) {
       REQUIRE(r.action == adalora::mask_action::pattern);
     } else if (applied.get<bool>()) {
       REQUIRE(r.action == adalora::mask_action::threshold);
-      REQUIRE(r.k == ex["k"].get<std::int64_t>());
+      REQUIRE(r.prune_count == ex["k"].get<std::int64_t>());
       REQUIRE(rel_close<T>(r.threshold, ex["threshold"].get<double>(), score_tol<T>()));
       const auto expected_scores = ex["triplet_scores"].get<std::vector<double>>();
       const auto scores = alloc.triplet_scores();
@@ -187,7 +187,7 @@ void replay(adalora::final_phase semantics) {
   const auto& expected_pattern = expected["rank_pattern"];
   for (std::size_t l = 0; l < layers.size(); ++l) {
     const auto& entry = pattern.at(shapes[l].name);
-    if (semantics == adalora::final_phase::peft) {
+    if (semantics == adalora::final_phase_rule::peft) {
       const auto bools = expected_pattern[shapes[l].name + ".lora_E.default"].get<std::vector<bool>>();
       REQUIRE(entry.kept == bools);
     } else {
@@ -204,10 +204,10 @@ void replay(adalora::final_phase semantics) {
 
 TEMPLATE_TEST_CASE("allocator replays the PEFT reference run exactly", "[allocator][golden]",
                    float, double) {
-  replay<TestType>(adalora::final_phase::peft);
+  replay<TestType>(adalora::final_phase_rule::peft);
 }
 
 TEMPLATE_TEST_CASE("allocator replays the loralib reference run exactly", "[allocator][golden]",
                    float, double) {
-  replay<TestType>(adalora::final_phase::loralib);
+  replay<TestType>(adalora::final_phase_rule::loralib);
 }

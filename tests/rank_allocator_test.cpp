@@ -124,7 +124,7 @@ TEMPLATE_TEST_CASE("a budget equal to the initial budget prunes nothing (k = 0, 
   adalora::rank_allocator<TestType, adalora::magnitude, fixed_budget> alloc({{"a", 2, 2, 2}},
                                                                            fixed_budget{2, 2});
   const auto& r = alloc.step(0, views);
-  REQUIRE(r.k == 0);
+  REQUIRE(r.prune_count == 0);
   REQUIRE(r.kept_total == 2);
   REQUIRE(r.threshold == -std::numeric_limits<TestType>::infinity());
   REQUIRE(s[0].E == std::vector<TestType>{1, 1});
@@ -226,8 +226,8 @@ TEST_CASE("option values the allocator does not know are refused at construction
                       Catch::Contains("rank_allocator") && Catch::Contains("options.ties") &&
                           Catch::Contains("got 2"));
   REQUIRE_THROWS_WITH(alloc_t(shapes, fixed_budget{2, 1}, {},
-                              {.semantics = static_cast<adalora::final_phase>(2)}),
-                      Catch::Contains("options.semantics") && Catch::Contains("got 2"));
+                              {.final_phase = static_cast<adalora::final_phase_rule>(2)}),
+                      Catch::Contains("options.final_phase") && Catch::Contains("got 2"));
   REQUIRE_THROWS_WITH(alloc_t(shapes, fixed_budget{2, 1}, {},
                               {.non_finite = static_cast<adalora::non_finite_policy>(3)}),
                       Catch::Contains("options.non_finite") && Catch::Contains("got 3"));
@@ -235,12 +235,12 @@ TEST_CASE("option values the allocator does not know are refused at construction
                               {.non_finite = static_cast<adalora::non_finite_policy>(255)}),
                       Catch::Contains("options.non_finite") && Catch::Contains("got 255"));
   // Every known value is accepted.
-  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib})
+  for (auto semantics : {adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib})
     for (auto ties : {adalora::tie_policy::prune_all_ties, adalora::tie_policy::exact_budget})
       for (auto non_finite : {adalora::non_finite_policy::ignore_elements, adalora::non_finite_policy::skip_step,
                               adalora::non_finite_policy::throw_error})
         REQUIRE_NOTHROW(alloc_t(shapes, fixed_budget{2, 1}, {},
-                                {.semantics = semantics, .ties = ties, .non_finite = non_finite}));
+                                {.final_phase = semantics, .ties = ties, .non_finite = non_finite}));
 }
 
 TEST_CASE("empty or duplicate adapter names are refused at construction", "[allocator][errors]") {
@@ -336,7 +336,7 @@ TEST_CASE("a score beyond double's range is +inf and ranks first; the step goes 
   const auto policy = GENERATE(adalora::non_finite_policy::ignore_elements,
                                adalora::non_finite_policy::skip_step,
                                adalora::non_finite_policy::throw_error);
-  const auto semantics = GENERATE(adalora::final_phase::peft, adalora::final_phase::loralib);
+  const auto semantics = GENERATE(adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib);
   std::vector<adapter_storage<double>> s;
   s.emplace_back(3, 2, 2);
   s.emplace_back(3, 2, 1);
@@ -348,7 +348,7 @@ TEST_CASE("a score beyond double's range is +inf and ranks first; the step goes 
   // Masks at every step to 2 of 3 triplets; the final phase from step 2 (frozen scores).
   adalora::rank_allocator<double, adalora::smoothed_sensitivity, fixed_budget> alloc(
       {{"big", 3, 2, 2}, {"small", 3, 2, 1}}, fixed_budget{3, 2, 2}, {},
-      {.semantics = semantics, .non_finite = policy});
+      {.final_phase = semantics, .non_finite = policy});
   for (std::int64_t t = 0; t < 4; ++t) {
     const auto& r = alloc.step(t, views);
     REQUIRE(r.non_finite == 0);
@@ -451,14 +451,14 @@ TEMPLATE_TEST_CASE("results do not depend on the number of threads", "[allocator
     for (const auto& sh : shapes) s.emplace_back(sh.in_features, sh.out_features, sh.rank);
     return s;
   };
-  auto run = [&](unsigned threads, adalora::final_phase semantics) {
+  auto run = [&](unsigned threads, adalora::final_phase_rule semantics) {
     auto s = make();
     auto views = tensors_of(s);
     adalora::rank_allocator<T> alloc(
         shapes,
         adalora::cubic_schedule({.initial_budget = 9, .target_budget = 4, .total_step = 10,
                                  .tinit = 1, .tfinal = 2, .delta_t = 2}),
-        {}, {.semantics = semantics, .threads = threads});
+        {}, {.final_phase = semantics, .threads = threads});
     std::vector<double> trace;
     std::uint64_t x = 12345;
     for (std::int64_t t = 0; t < 12; ++t) {  // warm-up, reduction and final phase
@@ -478,7 +478,7 @@ TEMPLATE_TEST_CASE("results do not depend on the number of threads", "[allocator
         for (T v : alloc.state(a, role)) trace.push_back(double(v));
     return trace;
   };
-  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
+  for (auto semantics : {adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib}) {
     REQUIRE(run(3, semantics) == run(1, semantics));  // bit-identical, element for element
   }
   REQUIRE_THROWS_WITH(adalora::rank_allocator<T>(shapes,

@@ -1,9 +1,11 @@
-// The allocator's vectorised paths (detail/score_kernels.hpp, detail/sensitivity_simd.hpp) give
-// bit for bit what the plain element loop gives: the same state, the same triplet scores, the
-// same masks. The reference is the same metric behind another type, which the allocator runs
-// through its generic element loop; the shapes cover every path (run lengths around the
-// 16-element blocks, B rows of widths that are and are not multiples of 8, odd row counts,
-// strided views) and the values every fallback (NaN, infinity, products beyond float's range).
+// The allocator's vectorised paths (detail/score_kernels.hpp, and smoothed_sensitivity's block
+// hook, detail/sensitivity_simd.hpp) give bit for bit what the plain element loop gives: the same
+// state, the same triplet scores, the same masks. The reference is the same metric behind another
+// type without the hook, which the allocator runs through its generic element loop; the shapes
+// cover every path (run lengths around the 8-element groups and 16-element blocks, B rows of
+// widths that are and are not multiples of 4, odd row counts, strided views) and the values every
+// fallback (NaN, infinity, products beyond float's range). tests/metric_hook_test.cpp does the
+// same for users' metrics with the hook, in float and double.
 
 #include <catch2/catch.hpp>
 
@@ -19,13 +21,14 @@
 #include "adalora/budget_schedule.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
 #include "adalora/rank_allocator.hpp"
+#include "tests/allocator_fixtures.hpp"
 
 namespace {
 
 using adalora::index_t;
 using adalora::tensor_role;
 
-/// smoothed_sensitivity behind another type: the allocator has no vectorised path for it.
+/// smoothed_sensitivity behind another type without its block hook: the generic element loop.
 struct plain_sensitivity {
   static constexpr std::size_t state_size = 2;
   adalora::smoothed_sensitivity inner;
@@ -39,37 +42,9 @@ struct plain_sensitivity {
   }
 };
 
-/// Masks at every step to half the initial budget.
-struct every_step {
-  std::int64_t b0;
-  adalora::budget_decision at(std::int64_t) const { return {b0 / 2, true}; }
-  std::int64_t initial_budget() const { return b0; }
-  std::int64_t target_budget() const { return b0 / 2; }
-  std::int64_t final_phase_start() const { return 1'000'000; }
-};
 
-/// One adapter's tensors, row-major or (col_major) with A and B stored column by column.
-struct storage {
-  adalora::adapter_shape shape;
-  bool col_major;
-  std::vector<float> A, E, B, gA, gE, gB;
-
-  storage(adalora::adapter_shape s, bool cm) : shape(std::move(s)), col_major(cm) {
-    const auto a = static_cast<std::size_t>(shape.rank * shape.in_features);
-    const auto b = static_cast<std::size_t>(shape.out_features * shape.rank);
-    A.resize(a), gA.resize(a), B.resize(b), gB.resize(b);
-    E.resize(static_cast<std::size_t>(shape.rank)), gE.resize(E.size());
-  }
-  adalora::matrix_view<float> view(std::vector<float>& x, index_t rows, index_t cols) {
-    return col_major ? adalora::matrix_view<float>(x.data(), rows, cols, 1, rows)
-                     : adalora::matrix_view<float>(x.data(), rows, cols, cols, 1);
-  }
-  adalora::adapter_tensors<float> tensors() {
-    const index_t r = shape.rank, in = shape.in_features, out = shape.out_features;
-    return {{view(A, r, in), adalora::vector_view<float>(E.data(), r), view(B, out, r)},
-            {view(gA, r, in), adalora::vector_view<const float>(gE.data(), r), view(gB, out, r)}};
-  }
-};
+using storage = fixtures::storage<float>;
+using fixtures::every_step;
 
 /// Fills every tensor with values of a model in training; with `hostile`, about one value in
 /// 300 is NaN, ±infinity, or a pair of finite values whose product overflows float.

@@ -1,67 +1,30 @@
 // Sharded allocators reach exactly the decisions of one process.
 //
 // Several "processes" are threads here, each with its own copy of the parameters and its own
-// rank_allocator over a shard of every adapter; an in-process communicator sums their partial
-// sums. Whatever the sharding (by triplets, by columns of A / rows of B, by adapter), every
-// shard must see the same thresholds, scores and masks, bit for bit, as a single process.
+// rank_allocator over a shard of every adapter; the shipped in-process communicator
+// (adalora/testing/in_process_communicator.hpp) sums their partial sums. Whatever the sharding
+// (by triplets, by columns of A / rows of B, by adapter), every shard must see the same
+// thresholds, scores and masks, bit for bit, as a single process.
 
 #include <catch2/catch.hpp>
 
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <span>
-#include <thread>
 #include <vector>
 
 #include "adalora/budget_schedule.hpp"
 #include "adalora/io/checkpoint.hpp"
 #include "adalora/rank_allocator.hpp"
+#include "adalora/sharding.hpp"
+#include "adalora/testing/in_process_communicator.hpp"
 
 namespace {
 
 using adalora::index_t;
 
-/// All-reduce between threads: the last to arrive sums the buffers in rank order.
-class thread_hub {
- public:
-  explicit thread_hub(int n) : n_(n), buffers_(static_cast<std::size_t>(n)) {}
-  void all_reduce_sum(int rank, std::span<double> v) {
-    std::unique_lock<std::mutex> lock(m_);
-    const std::size_t gen = generation_;
-    buffers_[static_cast<std::size_t>(rank)] = v;
-    if (++arrived_ == n_) {
-      sum_.assign(v.size(), 0.0);
-      for (auto& b : buffers_)
-        for (std::size_t i = 0; i < b.size(); ++i) sum_[i] += b[i];
-      for (auto& b : buffers_) std::copy(sum_.begin(), sum_.end(), b.begin());
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != gen; });
-    }
-  }
-
- private:
-  int n_;
-  int arrived_ = 0;
-  std::size_t generation_ = 0;
-  std::vector<std::span<double>> buffers_;
-  std::vector<double> sum_;
-  std::mutex m_;
-  std::condition_variable cv_;
-};
-
-struct thread_comm {
-  thread_hub* hub = nullptr;
-  int rank = 0;
-  void all_reduce_sum(std::span<double> v) {
-    if (hub) hub->all_reduce_sum(rank, v);
-  }
-};
+using adalora::testing::in_process_communicator;
+using adalora::testing::in_process_group;
 
 /// Full-size row-major tensors of every adapter (one copy per simulated process).
 struct model {
@@ -132,7 +95,8 @@ using trace = std::vector<double>;
 
 /// With restart_at >= 0, each process saves its own slice to a checkpoint after that step and
 /// goes on with a fresh allocator loaded from it.
-trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalora::final_phase semantics,
+trace run(const std::vector<adalora::adapter_shape>& sh, in_process_communicator comm,
+          adalora::final_phase_rule semantics,
           std::int64_t restart_at = -1) {
   model m = make_model();
   std::vector<adalora::adapter_shape> resolved = sh;
@@ -142,13 +106,14 @@ trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalo
     if (h.in_count < 0) h.in_count = resolved[a].in_features - h.in_begin;
     if (h.out_count < 0) h.out_count = resolved[a].out_features - h.out_begin;
   }
-  using alloc_t = adalora::rank_allocator<double, adalora::smoothed_sensitivity, adalora::cubic_schedule, thread_comm>;
+  using alloc_t = adalora::rank_allocator<double, adalora::smoothed_sensitivity,
+                                          adalora::cubic_schedule, in_process_communicator>;
   auto make = [&] {
     return std::make_unique<alloc_t>(
         sh,
         adalora::cubic_schedule({.initial_budget = 12, .target_budget = 5, .total_step = 12,
                                  .tinit = 2, .tfinal = 3, .delta_t = 2}),
-        adalora::smoothed_sensitivity{}, adalora::allocator_options{.semantics = semantics}, comm);
+        adalora::smoothed_sensitivity{}, adalora::allocator_options{.final_phase = semantics}, comm);
   };
   auto owner = make();
   auto views = views_of(m, resolved);
@@ -172,15 +137,16 @@ trace run(const std::vector<adalora::adapter_shape>& sh, thread_comm comm, adalo
   return out;
 }
 
-/// Runs one allocator per shard layout in its own thread; returns each one's trace.
+/// Runs one allocator per shard layout, each a participant of an in-process group on its own
+/// thread; returns each one's trace.
 std::vector<trace> run_sharded(const std::vector<std::vector<adalora::adapter_shape>>& layouts,
-                               adalora::final_phase semantics, std::int64_t restart_at = -1) {
-  thread_hub hub(static_cast<int>(layouts.size()));
+                               adalora::final_phase_rule semantics, std::int64_t restart_at = -1) {
+  in_process_group group(static_cast<int>(layouts.size()));
   std::vector<trace> traces(layouts.size());
-  std::vector<std::thread> threads;
-  for (std::size_t p = 0; p < layouts.size(); ++p)
-    threads.emplace_back([&, p] { traces[p] = run(layouts[p], thread_comm{&hub, int(p)}, semantics, restart_at); });
-  for (auto& th : threads) th.join();
+  group.run([&](in_process_communicator comm) {
+    const auto p = static_cast<std::size_t>(comm.rank());
+    traces[p] = run(layouts[p], comm, semantics, restart_at);
+  });
   return traces;
 }
 
@@ -203,11 +169,11 @@ TEST_CASE("sharded allocators decide exactly as one process", "[allocator][shard
                      {0, -1, 512, -1, 0, 0, false}})}},
       {"by adapter", {with_shards({{0, -1}, {0, 0}, {0, -1}}), with_shards({{0, 0}, {0, -1}, {0, 0}})}},
   };
-  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
-    const trace single = run(shapes, thread_comm{}, semantics);
+  for (auto semantics : {adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib}) {
+    const trace single = run(shapes, in_process_group(1).communicator(0), semantics);
     REQUIRE(single.size() > 100);
     for (const auto& [name, layout] : layouts) {
-      INFO(name << (semantics == adalora::final_phase::peft ? " (PEFT)" : " (loralib)"));
+      INFO(name << (semantics == adalora::final_phase_rule::peft ? " (PEFT)" : " (loralib)"));
       const auto traces = run_sharded(layout, semantics);
       for (const auto& t : traces) REQUIRE(t == single);
       // Each process checkpoints its own slice and resumes from it, in the reduction phase and
@@ -216,6 +182,22 @@ TEST_CASE("sharded allocators decide exactly as one process", "[allocator][shard
         const auto resumed = run_sharded(layout, semantics, k);
         for (const auto& t : resumed) REQUIRE(t == single);
       }
+    }
+  }
+}
+
+TEST_CASE("shard_shapes' layouts over in-process participants decide as one process",
+          "[allocator][sharding]") {
+  const auto semantics = adalora::final_phase_rule::peft;
+  const trace single = run(shapes, in_process_group(1).communicator(0), semantics);
+  for (auto layout : {adalora::shard_layout::triplets, adalora::shard_layout::blocks,
+                      adalora::shard_layout::adapters}) {
+    for (int parts : {2, 3}) {
+      INFO("layout " << static_cast<int>(layout) << ", " << parts << " participants");
+      std::vector<std::vector<adalora::adapter_shape>> layouts;
+      for (int p = 0; p < parts; ++p)
+        layouts.push_back(adalora::shard_shapes(shapes, layout, p, parts));
+      for (const auto& t : run_sharded(layouts, semantics)) REQUIRE(t == single);
     }
   }
 }

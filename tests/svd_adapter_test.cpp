@@ -179,7 +179,7 @@ TEMPLATE_TEST_CASE("adapter_scale: scaling = alpha or r_init, rn = r_init + 1e-5
     REQUIRE(s.scaling() == static_cast<TestType>(c.number("scaling")));
     REQUIRE(s.rn() == static_cast<TestType>(c.number("ranknum_plus_eps")));
   }
-  // SPEC §2 / the golden ranknum_plus_eps: float(8) + float(1e-5) = 8 + 10 ulp.
+  // docs/algorithm.md §2 / the golden ranknum_plus_eps: float(8) + float(1e-5) = 8 + 10 ulp.
   if constexpr (std::is_same_v<TestType, float>)
     REQUIRE(adalora::adapter_scale<float>(16, 8).rn() == 8.000009536743164f);
   const adalora::adapter_scale<TestType> zero_alpha(0.0, 6);
@@ -435,7 +435,7 @@ TEST_CASE("backward matches central differences for A, E, B and x, masked E incl
       INFO("dx(" << k << ", " << j << ")");
       CHECK(close(dx(k, j), central_difference(x(k, j), loss)));
     }
-  // A pruned triplet: A's row gets (…)·E_1 = 0 exactly, E_1 itself still gets a gradient (SPEC
+  // A pruned triplet: A's row gets (…)·E_1 = 0 exactly, E_1 itself still gets a gradient (docs/algorithm.md
   // §6: masking is soft, the next step moves E_1 again).
   for (index_t j = 0; j < in; ++j) REQUIRE(dA(1, j) == 0.0);
   REQUIRE(dE[1] != 0.0);

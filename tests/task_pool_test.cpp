@@ -1,5 +1,5 @@
 // The task pool under the rank allocator: every task once, errors passed on, and a worker thread
-// the system refuses to start (issue 14: it used to hang or std::terminate).
+// the system refuses to start (it used to hang or call std::terminate).
 
 #include <catch2/catch.hpp>
 

@@ -8,7 +8,9 @@
 
 #include <vector>
 
+#include "adalora/adapter_set.hpp"
 #include "adalora/integrations/torch.hpp"
+#include "adalora/orthogonality.hpp"
 #include "adalora/svd_adapter.hpp"
 
 using adalora::torch_layout;
@@ -117,7 +119,7 @@ TEST_CASE("torch: an adapter's parameters and gradients, viewed for the allocato
                       Catch::Contains("lora_A.grad() is an undefined tensor") &&
                           Catch::Contains("backward()"));
 
-  // PEFT's SVDLinear forward in torch ops, with ranknum = r (SPEC §2).
+  // PEFT's SVDLinear forward in torch ops, with ranknum = r (docs/algorithm.md §2).
   auto x = torch::randn({3, in});
   const float alpha = 8.0f;
   auto ranknum = torch::full({1}, float(r));
@@ -153,4 +155,66 @@ TEST_CASE("torch: an adapter's parameters and gradients, viewed for the allocato
   auto bad_B = torch::zeros({out, r + 1}, torch::requires_grad());
   REQUIRE_THROWS_WITH(adalora::torch_adapter_ref<float>(A, E, bad_B),
                       Catch::Contains("torch_adapter_ref") && Catch::Contains(".B must have E.size() = 4"));
+}
+
+TEST_CASE("torch: add_torch_adapter puts an adapter's tensors and gradients in a set", "[torch]") {
+  const int64_t r = 3, in = 5, out = 4;
+  torch::manual_seed(2);
+  auto A = (0.3 * torch::randn({r, in})).requires_grad_();
+  auto E = torch::randn({r, 1}).requires_grad_();
+  auto B = (0.3 * torch::randn({out, r})).requires_grad_();
+  adalora::adapter_set<float> set;
+
+  // Before backward() there are no gradients: refused, naming the tensor, and nothing is added.
+  REQUIRE_THROWS_WITH(adalora::add_torch_adapter(set, "q", A, E, B),
+                      Catch::Contains("lora_A.grad() is an undefined tensor"));
+  REQUIRE(set.empty());
+
+  // Gradients made up front: the set views them from the start, and backward() accumulates into
+  // the same memory, so the views made before the first step stay right.
+  for (auto* p : {&A, &E, &B}) p->mutable_grad() = torch::zeros_like(*p);
+  adalora::add_torch_adapter(set, "q", A, E, B);
+  REQUIRE(set.size() == 1);
+  REQUIRE(set.name(0) == "q");
+  REQUIRE(set.shapes()[0].in_features == in);
+  REQUIRE(set.shapes()[0].out_features == out);
+  REQUIRE(set.shapes()[0].rank == r);
+  REQUIRE(set.total_rank() == r);
+  const auto p = set.params()[0];
+  const auto g = set.grads()[0];
+  REQUIRE(p.A.data() == A.data_ptr<float>());
+  REQUIRE(p.E.data() == E.data_ptr<float>());
+  REQUIRE(p.B.data() == B.data_ptr<float>());
+  REQUIRE(g.A.data() == A.grad().data_ptr<float>());
+  REQUIRE(g.E.data() == E.grad().data_ptr<float>());
+  REQUIRE(g.B.data() == B.grad().data_ptr<float>());
+  REQUIRE(set.tensors()[0].grads.B.data() == B.grad().data_ptr<float>());
+
+  auto x = torch::randn({2, in});
+  x.mm((A * E).t()).mm(B.t()).pow(2).sum().backward();
+  REQUIRE(g.A.data() == A.grad().data_ptr<float>());  // in place: still the same tensor
+  REQUIRE(g.B(out - 1, r - 1) == B.grad()[out - 1][r - 1].item<float>());
+  REQUIRE(g.A(0, 0) != 0.0f);
+
+  // The regularizer adds into the tensors' .grad() through the set.
+  const auto before = A.grad().clone();
+  adalora::orthogonality_regularizer<float> orth({.weight = 1.0});
+  REQUIRE(orth.value_and_gradient(set) > 0.0f);
+  REQUIRE_FALSE(torch::equal(before, A.grad()));
+
+  // The set's rules hold: names are unique and not empty; dtypes must match the set's type.
+  auto A2 = torch::zeros({r, in}, torch::requires_grad());
+  auto E2 = torch::zeros({r, 1}, torch::requires_grad());
+  auto B2 = torch::zeros({out, r}, torch::requires_grad());
+  for (auto* q : {&A2, &E2, &B2}) q->mutable_grad() = torch::zeros_like(*q);
+  REQUIRE_THROWS_WITH(adalora::add_torch_adapter(set, "q", A2, E2, B2),
+                      Catch::Contains("'q' is already adapter 0's"));
+  REQUIRE_THROWS_WITH(adalora::add_torch_adapter(set, "", A2, E2, B2),
+                      Catch::Contains("needs a name"));
+  adalora::adapter_set<double> doubles;
+  REQUIRE_THROWS_WITH(adalora::add_torch_adapter(doubles, "q", A2, E2, B2),
+                      Catch::Contains("lora_A must have dtype Double"));
+  adalora::add_torch_adapter(set, "k", A2, E2, B2);
+  REQUIRE(set.size() == 2);
+  REQUIRE(set.total_rank() == 2 * r);
 }

@@ -6,7 +6,7 @@
 // hardware prefetcher alone falls behind: at the LLaMA-7B r = 8 shape the step took ~34 ms
 // against ~25 ms for the same loads and stores with trivial arithmetic. Asking for the data
 // 512 elements ahead (2 KB of parameters, 4 KB of state) closed the gap (~23 ms); 128 elements
-// were too close and 2048 no better (benchmarks/compare.sh, issue 5).
+// were too close and 2048 no better (measured with benchmarks/compare.sh).
 
 #include <cstddef>
 #include <cstdint>

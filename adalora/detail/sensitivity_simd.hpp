@@ -1,10 +1,10 @@
 #pragma once
 // smoothed_sensitivity's update of eight float elements at once, written with GCC/Clang vector
-// extensions (the compiler lowers them to AVX2, SSE2, NEON, ... for the target it builds for;
-// no intrinsics, no run-time dispatch). The generic block in score_kernels.hpp, which g++
-// vectorises by itself, spends most of its time on cross-lane shuffles it chooses badly and on
-// reductions it does not vectorise; this one is what lets the allocator's step run near the
-// memory bandwidth on one core (issue 5).
+// extensions (vector_ext.hpp). It is the body of smoothed_sensitivity::update_block, the metric's
+// block hook (importance/metric.hpp): nothing else calls it. The generic block in
+// score_kernels.hpp, which g++ vectorises by itself, spends most of its time on cross-lane
+// shuffles it chooses badly; this one is what lets the allocator's step run near the memory
+// bandwidth on one core (docs/algorithm.md §13).
 //
 // Layout: the state {Ī, Ū} of elements 0..7 is interleaved over 16 floats. Loading its quarters
 // as [0..3 | 8..11] and [4..7 | 12..15] lets two in-lane shuffles (`shufps`) split it into Ī and
@@ -13,39 +13,19 @@
 // share one execution port, which makes them the scarce resource of this loop.)
 //
 // Every element is computed exactly as smoothed_sensitivity::update computes it (same
-// operations, same order, no FMA under -ffp-contract=off), so the state is bit-identical; the
-// sums keep eight lanes, lane l taking elements l, l + 8, ... in order, as the generic path does.
-//
-// Non-finite inputs are not tested per group: for a NaN or infinite parameter or gradient,
-// |w·∇w| is NaN or infinite, the update's own overflow guard then keeps the element's state, and
-// only the score differs from score_one's (0 for a non-finite parameter) and the element goes
-// uncounted. The lanes remember whether any |w·∇w| was not finite; the caller then rescores the
-// run from the state (rescore in score_kernels.hpp), which the rare case can afford.
+// operations, same order, no FMA under -ffp-contract=off), so state and scores are bit-identical.
+// The allocator calls the hook only with finite parameters and gradients.
 
-#include <cmath>
-#include <cstdint>
 #include <cstring>
 #include <limits>
 
-#include "adalora/detail/prefetch.hpp"
-#include "adalora/importance/smoothed_sensitivity.hpp"
+#include "adalora/detail/vector_ext.hpp"
 
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define ADALORA_SENSITIVITY_SIMD 1
-#else
-#define ADALORA_SENSITIVITY_SIMD 0
-#endif
+#define ADALORA_SENSITIVITY_SIMD ADALORA_VECTOR_EXTENSIONS
 
 namespace adalora::detail {
 
 #if ADALORA_SENSITIVITY_SIMD
-
-using v4f = float __attribute__((vector_size(16)));
-using v8f = float __attribute__((vector_size(32)));
-using v4d = double __attribute__((vector_size(32)));
-using v8i = std::int32_t __attribute__((vector_size(32)));
-
-// Vectors are passed by reference throughout: by value their ABI depends on -mavx (-Wpsabi).
 
 /// Elements [At, At + 4) of x in double. Spelled element by element: g++ 12 lowers
 /// __builtin_convertvector from floats to doubles through memory.
@@ -55,63 +35,25 @@ template <int At>
             static_cast<double>(x[At + 2]), static_cast<double>(x[At + 3])};
 }
 
-/// β1, 1 − β1, β2, 1 − β2 broadcast once per run (a reference to the metric's scalars would be
-/// reloaded after every state store, which may alias them as far as the compiler knows).
-struct sensitivity_coefficients {
-  v8f b1, c1, b2, c2;
-  explicit sensitivity_coefficients(const smoothed_sensitivity::coefficient_set<float>& c) noexcept
-      : b1(v8f{} + c.b1), c1(v8f{} + c.c1), b2(v8f{} + c.b2), c2(v8f{} + c.c2) {}
-};
-
-/// True iff every lane of m is set (the lanes are all-ones or zero).
-[[gnu::always_inline]] inline bool all_lanes(const v8i& m) noexcept {
-  bool all = true;
-  for (int i = 0; i < 8; ++i) all &= m[i] != 0;
-  return all;
-}
-
-/// True iff every lane of min is >= 0 (false for NaN).
-[[gnu::always_inline]] inline bool nonnegative(const v4d& min) noexcept {
-  bool ok = true;
-  for (int i = 0; i < 4; ++i) ok &= min[i] >= 0.0;
-  return ok;
-}
-
-/// True iff every lane of s is finite.
-[[gnu::always_inline]] inline bool finite_lanes(const v4d& s) noexcept {
-  bool ok = true;
-  for (int i = 0; i < 4; ++i) ok &= std::abs(s[i]) <= std::numeric_limits<double>::max();
-  return ok;
-}
-
-/// The running sums of a run: lanes 0..3 in `low` and 4..7 in `high`, the smallest score so far,
-/// and whether every |w·∇w| was finite. The scores were all finite and >= 0 iff the minimum is
-/// >= 0 and the lane sums are finite (a NaN or an infinity reaches its lane's sum).
-struct sensitivity_lanes {
-  v4d low{0, 0, 0, 0};
-  v4d high{0, 0, 0, 0};
-  v4d min{0, 0, 0, 0};
-  v8i finite{-1, -1, -1, -1, -1, -1, -1, -1};
-
-  void unpack(double* lane) const noexcept {
-    std::memcpy(lane, &low, sizeof low);
-    std::memcpy(lane + 4, &high, sizeof high);
-  }
-  bool inputs_finite() const noexcept { return all_lanes(finite); }
-  bool scores_ok() const noexcept { return nonnegative(min) && finite_lanes(low) && finite_lanes(high); }
-};
-
 /// smoothed_sensitivity::update of eight contiguous float elements (parameters p, gradients g,
-/// interleaved state st): their scores in s_low (elements 0..3) and s_high (4..7), in double.
-/// `finite` keeps, per lane, whether every |w·∇w| so far was finite.
-[[gnu::always_inline]] inline void sensitivity_update(const sensitivity_coefficients& c,
+/// interleaved state st; all finite) with coefficients β1, 1 − β1, β2, 1 − β2: their scores
+/// Ī·Ū in double to scores[0, 8).
+[[gnu::always_inline]] inline void sensitivity_update(float beta1, float one_minus_beta1,
+                                                      float beta2, float one_minus_beta2,
                                                       const float* __restrict p,
                                                       const float* __restrict g,
-                                                      float* __restrict st, v8i& finite,
-                                                      v4d& s_low, v4d& s_high) noexcept {
+                                                      float* __restrict st,
+                                                      double* __restrict scores) noexcept {
   const v8i magnitude = v8i{} + 0x7fffffff;
   const v8f max = v8f{} + std::numeric_limits<float>::max();
-  prefetch_ahead<8>(p, g, st, 2);
+  // Plain broadcasts, which the compiler hoists out of the caller's loop (v8f{} + x would be an
+  // addition 0 + x per call: it is not x for x = −0).
+  const v8f b1{beta1, beta1, beta1, beta1, beta1, beta1, beta1, beta1};
+  const v8f c1{one_minus_beta1, one_minus_beta1, one_minus_beta1, one_minus_beta1,
+               one_minus_beta1, one_minus_beta1, one_minus_beta1, one_minus_beta1};
+  const v8f b2{beta2, beta2, beta2, beta2, beta2, beta2, beta2, beta2};
+  const v8f c2{one_minus_beta2, one_minus_beta2, one_minus_beta2, one_minus_beta2,
+               one_minus_beta2, one_minus_beta2, one_minus_beta2, one_minus_beta2};
   v8f w, dw;
   v4f q0, q1, q2, q3;
   std::memcpy(&w, p, sizeof w);
@@ -126,10 +68,10 @@ struct sensitivity_lanes {
   const v8f old_unc = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 
   const v8f ipt = reinterpret_cast<v8f>(reinterpret_cast<v8i>(w * dw) & magnitude);
-  finite &= ipt <= max;  // false for NaN and infinity
-  const v8f e = c.b1 * old_ema + c.c1 * ipt;
+  const v8f e = b1 * old_ema + c1 * ipt;
   const v8f deviation = reinterpret_cast<v8f>(reinterpret_cast<v8i>(ipt - e) & magnitude);
-  const v8f u = c.b2 * old_unc + c.c2 * deviation;
+  const v8f u = b2 * old_unc + c2 * deviation;
+  // update()'s guard for a product beyond float's range: that element keeps its state.
   const v8i fits = u <= max;
   const v8f ema = fits ? e : old_ema;
   const v8f unc = fits ? u : old_unc;
@@ -151,32 +93,9 @@ struct sensitivity_lanes {
   widen<4>(ema, e_high);
   widen<0>(unc, u_low);
   widen<4>(unc, u_high);
-  s_low = e_low * u_low;
-  s_high = e_high * u_high;
-}
-
-/// Adds four scores to a running sum and keeps the smallest score so far (NaN is not taken:
-/// it reaches the sum).
-[[gnu::always_inline]] inline void sensitivity_take(v4d& sum, v4d& min, const v4d& s) noexcept {
-  sum += s;
-  min = s < min ? s : min;
-}
-
-/// sensitivity_update of eight elements into the lanes of a run (and, with Store, their scores
-/// written to out[0, 8)).
-template <bool Store>
-[[gnu::always_inline]] inline void sensitivity_group(const sensitivity_coefficients& c,
-                                                     const float* p, const float* g, float* st,
-                                                     double* __restrict out,
-                                                     sensitivity_lanes& acc) noexcept {
-  v4d s_low, s_high;
-  sensitivity_update(c, p, g, st, acc.finite, s_low, s_high);
-  sensitivity_take(acc.low, acc.min, s_low);
-  sensitivity_take(acc.high, acc.min, s_high);
-  if constexpr (Store) {
-    std::memcpy(out, &s_low, sizeof s_low);
-    std::memcpy(out + 4, &s_high, sizeof s_high);
-  }
+  const v4d s_low = e_low * u_low, s_high = e_high * u_high;
+  std::memcpy(scores, &s_low, sizeof s_low);
+  std::memcpy(scores + 4, &s_high, sizeof s_high);
 }
 
 #endif  // ADALORA_SENSITIVITY_SIMD

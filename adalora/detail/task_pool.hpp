@@ -2,7 +2,7 @@
 // A small pool of worker threads that runs numbered tasks; the caller's thread works too.
 //
 // Why not std::async or OpenMP: the pool is created once, so a step allocates nothing; idle
-// workers sleep on a condition variable and never spin (PERF.md: spinning OpenMP barriers
+// workers sleep on a condition variable and never spin (docs/algorithm.md §13: spinning OpenMP barriers
 // collapsed by 10-80x on these shared 2-core machines); and the thread count is the caller's.
 //
 // Each thread first runs a fixed home range of the tasks (the caller says where the ranges

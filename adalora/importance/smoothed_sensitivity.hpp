@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "adalora/config.hpp"
+#include "adalora/detail/sensitivity_simd.hpp"
 #include "adalora/importance/metric.hpp"
 
 namespace adalora {
@@ -15,7 +16,7 @@ namespace adalora {
 /// The AdaLoRA metric (paper eq. 8–10; loralib RankAllocator.update_ipt / calculate_score,
 /// PEFT RankAllocator.update_ipt / _element_score), per element, in the references' order:
 ///
-///     I = |w · ∇w|                          w after the optimizer step of ∇w (SPEC §3)
+///     I = |w · ∇w|                          w after the optimizer step of ∇w (docs/algorithm.md §3)
 ///     Ī ← β1·Ī + (1 − β1)·I                 sensitivity EMA first,
 ///     Ū ← β2·Ū + (1 − β2)·|I − Ī|           then uncertainty, with the NEW Ī
 ///     score = Ī · Ū
@@ -73,6 +74,24 @@ struct smoothed_sensitivity {
     return static_cast<double>(state[0]) * static_cast<double>(state[1]);
   }
 
+#if ADALORA_SENSITIVITY_SIMD
+  /// The block hook (importance/metric.hpp): update() of eight contiguous float elements at
+  /// once, hand-vectorised (detail/sensitivity_simd.hpp), bit-identical to update(). Float
+  /// only: in double g++ vectorises update() well enough by itself. Always inlined: the
+  /// allocator calls it in its innermost loop, where a call would cost more than the work.
+  /// A NaN or infinite param or grad makes |w·∇w|, and so the new Ū, NaN or infinite, and the
+  /// guard that keeps the state of an overflowing element keeps that element's state too.
+  static constexpr bool update_block_keeps_non_finite_state = true;
+  [[gnu::always_inline]] void update_block(tensor_role, std::span<const float, metric_block> params,
+                                           std::span<const float, metric_block> grads,
+                                           std::span<float, metric_block * state_size> state,
+                                           std::span<double, metric_block> scores) const noexcept {
+    detail::sensitivity_update(float_.b1, float_.c1, float_.b2, float_.c2, params.data(),
+                               grads.data(), state.data(), scores.data());
+  }
+#endif
+
+ private:
   /// β1, 1 − β1, β2, 1 − β2 in T, each rounded once from double (formed at construction, once,
   /// rather than per element).
   template <class T>
@@ -91,7 +110,6 @@ struct smoothed_sensitivity {
       return double_;
   }
 
- private:
   template <class T>
   static coefficient_set<T> make_coefficients(const options& o) noexcept {
     return {static_cast<T>(o.beta1), static_cast<T>(1.0 - o.beta1), static_cast<T>(o.beta2),

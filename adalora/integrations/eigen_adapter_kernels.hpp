@@ -242,10 +242,10 @@ void backward_impl(const svd_adapter_ref<const T>& p, const adapter_scale<T>& s,
 /// (svd_adapter.hpp); scaling / rn is applied as one factor to x · (A ⊙ E)ᵀ. Agrees with
 /// adapter_forward to the tolerance stated in tests/eigen_kernels_test.cpp, not bit for bit.
 template <class T>
-void eigen_adapter_forward(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
+void eigen_adapter_forward(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
                            const adapter_scale<T>& scale,
-                           detail::svd::nodeduce_t<matrix_view<const T>> x,
-                           detail::svd::nodeduce_t<matrix_view<T>> y, adapter_workspace<T>& ws) {
+                           std::type_identity_t<matrix_view<const T>> x,
+                           std::type_identity_t<matrix_view<T>> y, adapter_workspace<T>& ws) {
   detail::eigen_kernels::forward_impl(adapter, scale, x, y, ws, "eigen_adapter_forward");
 }
 
@@ -254,13 +254,13 @@ void eigen_adapter_forward(const detail::svd::nodeduce_t<svd_adapter_ref<const T
 /// ADDED INTO grads and (unless dx is a default-constructed view) dx. Same arguments, checks and
 /// workspace rule as adapter_backward; agrees with it to the stated tolerance.
 template <class T>
-void eigen_adapter_backward(const detail::svd::nodeduce_t<svd_adapter_ref<const T>>& adapter,
+void eigen_adapter_backward(const std::type_identity_t<svd_adapter_ref<const T>>& adapter,
                             const adapter_scale<T>& scale,
-                            detail::svd::nodeduce_t<matrix_view<const T>> x,
-                            detail::svd::nodeduce_t<matrix_view<const T>> dy,
-                            const detail::svd::nodeduce_t<svd_adapter_ref<T>>& grads,
+                            std::type_identity_t<matrix_view<const T>> x,
+                            std::type_identity_t<matrix_view<const T>> dy,
+                            const std::type_identity_t<svd_adapter_ref<T>>& grads,
                             adapter_workspace<T>& ws,
-                            detail::svd::nodeduce_t<matrix_view<T>> dx = {}) {
+                            std::type_identity_t<matrix_view<T>> dx = {}) {
   detail::eigen_kernels::backward_impl(adapter, scale, x, dy, grads, ws, dx,
                                        "eigen_adapter_backward");
 }

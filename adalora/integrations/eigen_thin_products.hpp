@@ -6,7 +6,7 @@
 // Why not Eigen's GEMM there: every product of the adapter is thin (one of its dimensions is r),
 // and Eigen's GEMM packs the large operand (x or dy: n × 768 at the DeBERTa shape) into its own
 // layout for each product and then runs register blocks of 4 columns, mostly empty at r = 6:
-// halving the rank from 12 to 6 saved only ~25% of the backward (issue 5). These kernels read the
+// halving the rank from 12 to 6 saved only ~25% of the backward (adapter_pair benchmark). These kernels read the
 // large operands in place, row-major, with register blocks sized for a thin r:
 //   dots      H = scale · X · Wᵀ     blocks of 4 rows of X × 3 rows of W, along the rows  (h, dh)
 //   outer     O += Hᵀ · X            blocks of 2 packets of X × 6 columns of H, over rows (dB, d(A⊙E))

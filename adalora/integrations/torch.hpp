@@ -10,6 +10,15 @@
 //   adalora::adapter_tensors<float> t = adalora::torch_adapter_tensors<float>(A, E, B);
 //   allocator.step(step, tensors);   // reads A, E, B and their .grad(); zeroes pruned E in place
 //
+// Or, once for the whole run, a named adapter_set of such views (see add_torch_adapter for the
+// one rule that keeps its gradient views valid: create each .grad() up front, clear it in place):
+//
+//   for (auto* p : {&A, &E, &B}) p->mutable_grad() = torch::zeros_like(*p);
+//   adalora::adapter_set<float> set;
+//   adalora::add_torch_adapter(set, "layers.0.attn.q", A, E, B);
+//   ... orth.value_and_gradient(set); optimizer.step(); allocator.step(step, set);
+//   for (auto* p : {&A, &E, &B}) p->mutable_grad().zero_();   // not zero_grad(set_to_none)
+//
 // Why explicit functions and no view_traits<torch::Tensor>: a torch::Tensor's element type is a
 // run-time property, while an adalora view's is a compile-time one. The caller states T
 // (`torch_matrix_view<float>(t)`), and the dtype is checked against it when the view is made.
@@ -40,10 +49,12 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
+#include "adalora/adapter_set.hpp"
 #include "adalora/config.hpp"
 #include "adalora/matrix_view.hpp"
-#include "adalora/rank_allocator.hpp"
+#include "adalora/adapter_shape.hpp"
 #include "adalora/svd_adapter_ref.hpp"
 
 namespace adalora {
@@ -193,6 +204,29 @@ adapter_tensors<T> torch_adapter_tensors(const at::Tensor& A, const at::Tensor& 
   const svd_adapter_ref<T> grads = torch_adapter_grad_ref<T>(A, E, B, layout);
   check_same_shapes(params, grads, "torch_adapter_tensors");
   return {params, grads};
+}
+
+/// Adds an adapter held in torch tensors to `set` under `name` (the module path that keys the
+/// rank pattern): views of A = lora_A, E = lora_E and B = lora_B (the allocator writes E) and of
+/// their .grad() (the regularizer adds into them), as torch_adapter_ref and
+/// torch_adapter_grad_ref make them. Throws as they do (e.g. when a .grad() does not exist yet),
+/// and as adapter_set::add (an empty or repeated name).
+///
+/// The set keeps these views for as long as it lives, so each .grad() must stay the same tensor.
+/// torch makes a .grad() only at the first backward(): give each parameter one before the set is
+/// made (`p.mutable_grad() = torch::zeros_like(p)`). backward() then accumulates into it in place
+/// (without create_graph), and the loop must clear it in place too (`p.mutable_grad().zero_()`),
+/// never with zero_grad(set_to_none), which drops it (PyTorch 2's default in Python). Where a
+/// .grad() may be replaced, make a new set after each backward() instead: the allocator only
+/// checks that a step's views have its adapters' shapes.
+template <class T>
+adapter_set<T>& add_torch_adapter(adapter_set<T>& set, std::string name, const at::Tensor& A,
+                                  const at::Tensor& E, const at::Tensor& B,
+                                  torch_layout layout = torch_layout::contiguous) {
+  // Parameters first, so that a wrong tensor is named the same way with every compiler.
+  const svd_adapter_ref<T> params = torch_adapter_ref<T>(A, E, B, layout);
+  const svd_adapter_ref<T> grads = torch_adapter_grad_ref<T>(A, E, B, layout);
+  return set.add(std::move(name), params, grads);
 }
 
 }  // namespace adalora

@@ -417,7 +417,7 @@ void encode_payload(const image<T>& im, checkpoint_writer& w) {
   w.u32(im.metric_state_size);
   w.u32(static_cast<std::uint32_t>(im.metric_options.size()));
   w.bytes(im.metric_options);
-  w.u8(static_cast<std::uint8_t>(im.options.semantics));
+  w.u8(static_cast<std::uint8_t>(im.options.final_phase));
   w.u8(static_cast<std::uint8_t>(im.options.ties));
   w.u8(static_cast<std::uint8_t>(im.options.non_finite));
   w.u32(im.options.threads);
@@ -440,7 +440,7 @@ void encode_payload(const image<T>& im, checkpoint_writer& w) {
   w.u8(static_cast<std::uint8_t>(r.action));
   w.u8(r.skipped ? 1 : 0);
   w.f64(r.threshold);
-  w.i64(r.k);
+  w.i64(r.prune_count);
   w.i64(r.non_finite);
 }
 
@@ -603,7 +603,7 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
   if (non_finite > 2)
     r.fail("non_finite_policy code ", int(non_finite),
            " is unknown (0 ignore_elements, 1 skip_step, 2 throw_error)");
-  im.options.semantics = static_cast<final_phase>(semantics);
+  im.options.final_phase = static_cast<final_phase_rule>(semantics);
   im.options.ties = static_cast<tie_policy>(ties);
   im.options.non_finite = static_cast<non_finite_policy>(non_finite);
   im.options.threads = r.u32("threads");
@@ -658,18 +658,18 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
   l.action = static_cast<mask_action>(action);
   l.skipped = r.flag("last result's skipped flag");
   l.threshold = r.f64("last result's threshold");
-  l.k = r.i64("last result's k");
+  l.prune_count = r.i64("last result's prune_count");
   l.non_finite = r.i64("last result's non-finite count");
   r.expect_end("the payload");
 
   const auto total = static_cast<std::int64_t>(b0);
   if (l.step != im.last_step)
     r.fail("the last result is of step ", l.step, ", the last step is ", im.last_step);
-  if (l.budget < 0 || l.budget > total || l.k < 0 || l.k > total)
-    r.fail("the last result's budget ", l.budget, " and k ", l.k, " must be in [0, ", total, "]");
+  if (l.budget < 0 || l.budget > total || l.prune_count < 0 || l.prune_count > total)
+    r.fail("the last result's budget ", l.budget, " and prune_count ", l.prune_count, " must be in [0, ", total, "]");
   if (std::isnan(l.threshold)) r.fail("the last result's threshold is NaN");
   if (l.non_finite < 0) r.fail("the last result's non-finite count is negative: ", l.non_finite);
-  if (im.force_masked && (im.options.semantics != final_phase::peft || im.last_step < 0))
+  if (im.force_masked && (im.options.final_phase != final_phase_rule::peft || im.last_step < 0))
     r.fail("the final-phase flag is set, which only a PEFT-semantics allocator that has stepped sets");
   return im;
 }
@@ -749,7 +749,7 @@ void match_options(std::string_view what, const std::string& tag,
          describe(theirs, stored), ", the allocator has ", describe(mine, w.data()));
 }
 
-inline const char* name_of(final_phase f) { return f == final_phase::peft ? "peft" : "loralib"; }
+inline const char* name_of(final_phase_rule f) { return f == final_phase_rule::peft ? "peft" : "loralib"; }
 inline const char* name_of(tie_policy t) {
   return t == tie_policy::prune_all_ties ? "prune_all_ties" : "exact_budget";
 }
@@ -796,9 +796,9 @@ void match(const image<T>& im, const rank_allocator<T, M, S, C>& alloc) {
     fail(k::mismatch, "importance metric: the checkpoint keeps ", im.metric_state_size,
          " state values per element, the allocator's metric ", M::state_size);
   const allocator_options& o = alloc.options();
-  if (im.options.semantics != o.semantics)
-    fail(k::mismatch, "allocator options: the checkpoint has final_phase::", name_of(im.options.semantics),
-         ", the allocator final_phase::", name_of(o.semantics));
+  if (im.options.final_phase != o.final_phase)
+    fail(k::mismatch, "allocator options: the checkpoint has final_phase_rule::", name_of(im.options.final_phase),
+         ", the allocator final_phase_rule::", name_of(o.final_phase));
   if (im.options.ties != o.ties)
     fail(k::mismatch, "allocator options: the checkpoint has tie_policy::", name_of(im.options.ties),
          ", the allocator tie_policy::", name_of(o.ties));

@@ -1,5 +1,5 @@
 #pragma once
-// Trained AdaLoRA adapters as PEFT's adapter files, and back (SPEC §7).
+// Trained AdaLoRA adapters as PEFT's adapter files, and back (docs/algorithm.md §7).
 //
 // What PEFT writes for AdaLoRA (PeftModel.save_pretrained with safe serialization):
 //   adapter_model.safetensors  per adapted module, with the adapter name stripped from the keys,
@@ -68,7 +68,7 @@ inline constexpr const char* peft_config_file = "adapter_config.json";
 inline constexpr std::string_view peft_key_prefix = "base_model.model.";
 
 /// PEFT's AdaLoraConfig, the fields that describe an AdaLoRA run (names and defaults as in PEFT's
-/// config.py; SPEC §9). JSON names are the members' names except delta_t -> "deltaT" and
+/// config.py; docs/algorithm.md §9). JSON names are the members' names except delta_t -> "deltaT" and
 /// pattern -> "rank_pattern".
 struct peft_adalora_config {
   std::int64_t init_r = 12;      ///< initial rank of every module

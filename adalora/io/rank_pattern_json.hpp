@@ -1,5 +1,5 @@
 #pragma once
-// Rank patterns as JSON, in the forms the reference implementations write (SPEC §7):
+// Rank patterns as JSON, in the forms the reference implementations write (docs/algorithm.md §7):
 //   PEFT    (adapter_config.json "rank_pattern"):  {"<name>.lora_E": [true, false, ...], ...}
 //           during training the keys also carry the adapter name: "<name>.lora_E.default";
 //   loralib (rank_pattern.json):                    {"<name>.lora_E": <kept count>, ...}.

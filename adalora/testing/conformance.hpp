@@ -25,6 +25,10 @@
 //                       gives the first run's scores again (all state lives in the state span,
 //                       so the allocator's reset_state() really resets);
 //   score_consistency   score(role, p, state) equals what update() just returned for that p;
+//                       and a metric with the block hook (update_block) gets from it, bit for
+//                       bit, the scores and states update() gives element by element (and, if
+//                       it declares update_block_keeps_non_finite_state, keeps the state of the
+//                       NaN/infinite elements it is given);
 //   no_allocation       update(), score() and rank_allocator::step() with this metric, in every
 //                       phase and both final-phase semantics, make no heap allocation. Needs
 //                       ADALORA_TESTING_COUNT_ALLOCATIONS() in the test binary, else "skipped".
@@ -47,6 +51,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -58,6 +63,7 @@
 #include "adalora/rank_allocator.hpp"
 #include "adalora/svd_adapter_ref.hpp"
 #include "adalora/testing/allocation_counter.hpp"
+#include "adalora/testing/check_report.hpp"
 
 namespace adalora::testing {
 
@@ -77,70 +83,14 @@ inline constexpr std::string_view score_consistency = "score_consistency";
 inline constexpr std::string_view no_allocation = "no_allocation";
 }  // namespace checks
 
-enum class check_status : std::uint8_t { passed, failed, skipped };
-
-inline const char* to_string(check_status s) noexcept {
-  switch (s) {
-    case check_status::passed:
-      return "passed";
-    case check_status::failed:
-      return "FAILED";
-    default:
-      return "skipped";
-  }
-}
-
-/// The outcome of one check. `message` says what was checked, or the first offending value with
-/// its element, step and inputs, or why the check was skipped.
-struct check_result {
-  std::string name;
-  check_status status = check_status::passed;
-  std::string message;
-
-  bool passed() const noexcept { return status == check_status::passed; }
-  bool failed() const noexcept { return status == check_status::failed; }
-  bool skipped() const noexcept { return status == check_status::skipped; }
-};
-
 /// What check_metric_conformance found: one entry per check, in a fixed order.
-struct conformance_report {
+struct conformance_report : check_report {
   std::string element_type;  ///< "float" or "double"
-  std::vector<check_result> checks;
 
-  /// True iff no check failed. Skipped checks do not fail a report (see
-  /// conformance_options::require_allocation_check to make an unwired counter fail).
-  bool ok() const noexcept {
-    return std::none_of(checks.begin(), checks.end(),
-                        [](const check_result& c) { return c.failed(); });
-  }
-  /// The check of that name, or nullptr.
-  const check_result* find(std::string_view name) const noexcept {
-    for (const check_result& c : checks)
-      if (c.name == name) return &c;
-    return nullptr;
-  }
-  /// The check of that name; throws std::out_of_range for an unknown name.
-  const check_result& at(std::string_view name) const {
-    if (const check_result* c = find(name)) return *c;
-    throw std::out_of_range(
-        detail::concat("adalora::testing::conformance_report::at: no check named '", name, "'"));
-  }
-  /// Names of the failed checks, in report order.
-  std::vector<std::string> failed() const {
-    std::vector<std::string> names;
-    for (const check_result& c : checks)
-      if (c.failed()) names.push_back(c.name);
-    return names;
-  }
-  /// One line per check, then a verdict: what a test prints on failure.
-  std::string summary() const {
-    std::ostringstream out;
-    out << "importance metric conformance (" << element_type << "): " << (ok() ? "ok" : "FAILED")
-        << '\n';
-    for (const check_result& c : checks)
-      out << "  [" << to_string(c.status) << "] " << c.name << ": " << c.message << '\n';
-    return out.str();
-  }
+  /// One line per check, then a verdict: what a test prints on failure. (Skipped checks do not
+  /// fail a report: see conformance_options::require_allocation_check to make an unwired
+  /// counter fail.)
+  std::string summary() const { return summary_of("importance metric conformance", element_type); }
   friend std::ostream& operator<<(std::ostream& os, const conformance_report& r) {
     return os << r.summary();
   }
@@ -713,7 +663,101 @@ check_result check_reset(kit_context<T, M>& k) {
   }
 }
 
-/// (g) In the reference run, score() right after update() with the same param returns the same.
+/// The block hook (update_block, importance/metric.hpp requirement 6) against update(): every
+/// step, each role's elements in blocks of metric_block (the last block overlapping the one
+/// before when the count is not a multiple), on two copies of the metric and of the state, one
+/// driven through update_block and one through update() element by element; scores (in double,
+/// as the allocator takes them) and states must be bit-identical. Where the metric declares
+/// update_block_keeps_non_finite_state (requirement 7), each block is also given NaN and ±∞ in
+/// some lanes (on a copy of its state): those lanes' state must stay as it was, the others' must
+/// be update()'s. Returns the first difference, or nothing; `blocks` counts the blocks compared.
+template <class T, class M>
+std::optional<std::string> block_hook_difference(const kit_context<T, M>& k, std::size_t& blocks) {
+  constexpr std::size_t K = M::state_size;
+  constexpr std::size_t B = metric_block;
+  const conformance_harness<T, M>& h = k.h;
+  const std::size_t n = h.size();
+  std::vector<T> ref(n * K, T(0)), hook(n * K, T(0));
+  M m_ref = k.metric, m_hook = k.metric;
+  std::vector<std::vector<std::size_t>> groups;
+  for (tensor_role role : {tensor_role::A, tensor_role::E, tensor_role::B}) {
+    std::vector<std::size_t> of_role;
+    for (std::size_t e = 0; e < n; ++e)
+      if (h.element(e).role == role) of_role.push_back(e);
+    if (of_role.size() < B) continue;
+    for (std::size_t at = 0; at < of_role.size(); at += B) {
+      const std::size_t first = std::min(at, of_role.size() - B);
+      groups.emplace_back(of_role.begin() + static_cast<std::ptrdiff_t>(first),
+                          of_role.begin() + static_cast<std::ptrdiff_t>(first + B));
+    }
+  }
+  constexpr T specials[] = {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                            -std::numeric_limits<T>::infinity()};
+  blocks = 0;
+  for (std::int64_t t = 0; t < k.steps(); ++t) {
+    begin_step_if_any(m_ref, t);
+    begin_step_if_any(m_hook, t);
+    for (const std::vector<std::size_t>& group : groups) {
+      const tensor_role role = h.element(group[0]).role;
+      T p[B], g[B], st[B * (K > 0 ? K : 1)];
+      double scores[B];
+      for (std::size_t l = 0; l < B; ++l) {
+        std::tie(p[l], g[l]) = h.input(t, group[l]);
+        std::copy_n(hook.begin() + static_cast<std::ptrdiff_t>(group[l] * K), K, st + l * K);
+      }
+      if constexpr (::adalora::detail::block_keeps_non_finite_state<M>) {
+        // NaN or ±∞ in the param or the grad of lanes 1, 4 and 6, on a copy of the state.
+        T bad_p[B], bad_g[B], bad_st[B * (K > 0 ? K : 1)];
+        double bad_scores[B];
+        std::copy_n(p, B, bad_p);
+        std::copy_n(g, B, bad_g);
+        std::copy_n(st, B * K, bad_st);
+        const std::size_t lanes[] = {1, 4, 6};
+        for (std::size_t i = 0; i < 3; ++i) {
+          const T x = specials[(static_cast<std::size_t>(t) + i) % 3];
+          (i % 2 == 0 ? bad_p : bad_g)[lanes[i]] = x;
+        }
+        m_hook.update_block(role, std::span<const T, B>(bad_p, B), std::span<const T, B>(bad_g, B),
+                            std::span<T, B * K>(bad_st, B * K), std::span<double, B>(bad_scores, B));
+        for (std::size_t l = 0; l < B; ++l) {
+          const bool special = l == 1 || l == 4 || l == 6;
+          std::vector<T> want(st + l * K, st + (l + 1) * K);
+          if (!special) {
+            M m = m_ref;
+            static_cast<void>(m.update(role, p[l], g[l], std::span<T, K>(want.data(), K)));
+          }
+          for (std::size_t c = 0; c < K; ++c)
+            if (!same_value(bad_st[l * K + c], want[c]))
+              return concat("update_block(), given NaN or infinity in lanes 1, 4 and 6 (it declares "
+                            "update_block_keeps_non_finite_state), left state value ", c, " of lane ",
+                            l, " at ", num(bad_st[l * K + c]), " where ",
+                            special ? "the state before the call" : "update()", " gives ",
+                            num(want[c]), "; lane ", l, " is ", h.describe(group[l], t));
+        }
+      }
+      m_hook.update_block(role, std::span<const T, B>(p, B), std::span<const T, B>(g, B),
+                          std::span<T, B * K>(st, B * K), std::span<double, B>(scores, B));
+      for (std::size_t l = 0; l < B; ++l) {
+        T* r = ref.data() + group[l] * K;
+        const double want = static_cast<double>(m_ref.update(role, p[l], g[l], std::span<T, K>(r, K)));
+        if (!same_value(scores[l], want))
+          return concat("update_block() gave score ", num(scores[l]), " in lane ", l,
+                        " where update() returns ", num(want), " for ", h.describe(group[l], t));
+        for (std::size_t c = 0; c < K; ++c)
+          if (!same_value(st[l * K + c], r[c]))
+            return concat("update_block() left state value ", c, " at ", num(st[l * K + c]),
+                          " in lane ", l, " where update() leaves ", num(r[c]), " for ",
+                          h.describe(group[l], t));
+        std::copy_n(st + l * K, K, hook.begin() + static_cast<std::ptrdiff_t>(group[l] * K));
+      }
+      ++blocks;
+    }
+  }
+  return std::nullopt;
+}
+
+/// (g) In the reference run, score() right after update() with the same param returns the same;
+/// and a block hook (update_block) gives what update() gives, bit for bit.
 template <class T, class M>
 check_result check_score_consistency(const kit_context<T, M>& k) {
   const double tol = k.options.score_tolerance;
@@ -733,10 +777,34 @@ check_result check_score_consistency(const kit_context<T, M>& k) {
   if (bad != 0)
     return {std::string(checks::score_consistency), check_status::failed,
             concat(bad, " of ", k.values(), " disagree; first: ", first_bad)};
+  std::string hook;
+  if constexpr (::adalora::detail::has_update_block<M, T>) {
+    if (!k.deterministic) {
+      hook = "; update_block() not compared with update(): the metric is not deterministic (see "
+             "determinism)";
+    } else {
+      std::size_t blocks = 0;
+      std::optional<std::string> difference;
+      try {
+        difference = block_hook_difference(k, blocks);
+      } catch (const std::exception& ex) {
+        difference = threw(ex);
+      }
+      if (difference)
+        return {std::string(checks::score_consistency), check_status::failed,
+                concat("the block hook differs from update(): ", *difference)};
+      hook = concat("; update_block() gives update()'s scores and states for all ", blocks,
+                    " blocks of ", metric_block, " (bit-identical)",
+                    ::adalora::detail::block_keeps_non_finite_state<M>
+                        ? " and keeps the state of the NaN/infinite lanes it was given"
+                        : "");
+    }
+  }
   return {std::string(checks::score_consistency), check_status::passed,
           concat("score() equals update()'s return for all ", k.values(), " (element, step) pairs",
                  tol > 0 ? concat(" (relative tolerance ", tol, ")")
-                         : std::string(" (bit-identical)"))};
+                         : std::string(" (bit-identical)"),
+                 hook)};
 }
 
 /// Position of element e in its tensor's row-major storage (and so in the allocator's state).
@@ -905,10 +973,10 @@ check_result check_no_allocation(kit_context<T, M>& k) {
               concat(made, " heap allocations in ", k.values(),
                      " calls of update() and score() (expected none: the allocator calls them "
                      "for every element at every step)")};
-    for (final_phase semantics : {final_phase::peft, final_phase::loralib}) {
+    for (final_phase_rule semantics : {final_phase_rule::peft, final_phase_rule::loralib}) {
       kit_adapters<T> buffers(k.options.shapes);
       rank_allocator<T, M, cubic_schedule> alloc(k.options.shapes, kit_schedule(k.b0), k.metric,
-                                                 {.semantics = semantics});
+                                                 {.final_phase = semantics});
       before = allocation_counter::count();
       for (std::int64_t t = 0; t < kit_allocator_steps; ++t) {
         buffers.fill(k.h, k.options.shapes, t);
@@ -919,7 +987,7 @@ check_result check_no_allocation(kit_context<T, M>& k) {
         return {name, check_status::failed,
                 concat(made, " heap allocations in ", kit_allocator_steps,
                        " rank_allocator::step calls (",
-                       semantics == final_phase::peft ? "PEFT" : "loralib",
+                       semantics == final_phase_rule::peft ? "PEFT" : "loralib",
                        " final-phase semantics); update() and score() alone made none")};
     }
     return {name, check_status::passed,

@@ -15,7 +15,7 @@
 // (the paper's squared orthogonality regulariser, which makes the triplets separate into
 // singular directions so that "rank" is well defined). A and B start N(0, init_std²) and E at 0,
 // as in the references; Adam (written here, deterministic) takes a full-batch step, then
-// rank_allocator::step(t) runs with that step's gradients (SPEC §3), under a cubic schedule from
+// rank_allocator::step(t) runs with that step's gradients (docs/algorithm.md §3), under a cubic schedule from
 // b0 = Σ r to bT = Σ k_a. The answer: a perfect metric keeps exactly k_a triplets in adapter a.
 //
 // Everything is a pure function of the options (seeded, no std:: distributions), so a metric
@@ -370,7 +370,7 @@ planted_rank_report run_planted_rank_problem(M metric, const planted_rank_option
       detail::adam_step(L.E, L.gE, L.mE, L.vE, o, t);
       detail::adam_step(L.B, L.gB, L.mB, L.vB, o, t);
     }
-    // After the optimizer step, with the gradients that produced it (SPEC §3).
+    // After the optimizer step, with the gradients that produced it (docs/algorithm.md §3).
     alloc.step(t, views);
   }
   for (detail::planted_layer<T>& L : layers) report.final_loss += L.data_term(false);

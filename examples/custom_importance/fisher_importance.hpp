@@ -2,10 +2,13 @@
 // A user-defined importance metric for adalora's rank allocator: Fisher-style saliency.
 //
 // This header is the part a researcher copies: one small struct that satisfies
-// adalora::ImportanceMetric (adalora/importance/metric.hpp, docs/custom_importance.md). main.cpp
-// runs it on the testing kit's planted-rank problem; fisher_importance_test.cpp is its unit test.
+// adalora::ImportanceMetric (adalora/importance/metric.hpp, docs/custom_importance.md), with the
+// optional block hook that makes the allocator's step with it ~1.8x as fast on AVX. main.cpp runs
+// it on the testing kit's planted-rank problem and times it in a training-sized step;
+// fisher_importance_test.cpp is its unit test.
 
 #include <cstddef>
+#include <cstring>
 #include <span>
 
 #include "adalora/config.hpp"
@@ -69,6 +72,42 @@ struct fisher_importance {
   T score(adalora::tensor_role, T param, std::span<const T, state_size> state) const noexcept {
     return (param * param) * state[0];
   }
+
+// GCC/Clang vector code of 256 bits: only where the target has such vectors (on x86, AVX:
+// -mavx2 or -march=x86-64-v3). Built for plain x86-64 (SSE2), g++ splits every operation and
+// the hook would be slower than the allocator's own loop, which then runs instead.
+#if defined(__GNUC__) && (defined(__AVX__) || !(defined(__x86_64__) || defined(__i386__)))
+  /// The block hook (optional; adalora/importance/metric.hpp, requirement 6): update() of eight
+  /// contiguous float elements at once, in GCC/Clang vector code. The allocator hands it only
+  /// finite values, sums and validates the scores itself, and inlines it into its loop. It must
+  /// give update()'s state and scores bit for bit: the same operations in the same order (no
+  /// fused multiply-add: build with -ffp-contract=off), each score rounded to float as update()
+  /// returns it, then widened to double. On the DeBERTaV3-base shape (72 adapters, 2M
+  /// parameters), one core, -O3 -march=x86-64-v3, the allocator's step takes 1.2 ms with it and
+  /// 2.2 ms without (main.cpp measures it). A plain loop over the eight elements here instead
+  /// made the step 1.7x slower than no hook at all: the hook pays only as vector code. Float
+  /// only: double takes the allocator's generic loop.
+  void update_block(adalora::tensor_role, std::span<const float, adalora::metric_block> params,
+                    std::span<const float, adalora::metric_block> grads,
+                    std::span<float, adalora::metric_block * state_size> state,
+                    std::span<double, adalora::metric_block> scores) const noexcept {
+    using f8 = float __attribute__((vector_size(32)));
+    using d4 = double __attribute__((vector_size(32)));
+    // Loads and stores through memcpy: the spans need not be 32-byte aligned.
+    f8 w, g, fisher;
+    std::memcpy(&w, params.data(), sizeof w);
+    std::memcpy(&g, grads.data(), sizeof g);
+    std::memcpy(&fisher, state.data(), sizeof fisher);
+    const float b = static_cast<float>(opts_.beta), c = static_cast<float>(1.0 - opts_.beta);
+    fisher = f8{b, b, b, b, b, b, b, b} * fisher + f8{c, c, c, c, c, c, c, c} * (g * g);
+    std::memcpy(state.data(), &fisher, sizeof fisher);
+    const f8 score = (w * w) * fisher;
+    const d4 low{score[0], score[1], score[2], score[3]};
+    const d4 high{score[4], score[5], score[6], score[7]};
+    std::memcpy(scores.data(), &low, sizeof low);
+    std::memcpy(scores.data() + 4, &high, sizeof high);
+  }
+#endif
 
  private:
   options opts_;

@@ -2,17 +2,26 @@
 // checks docs/custom_importance.md asks of any metric, plus the metric's own formula.
 //  1. compile time: it satisfies adalora::ImportanceMetric;
 //  2. behaviour: the conformance kit (finite, deterministic, state-only, resettable, no heap
-//     allocation on the per-step path);
+//     allocation on the per-step path; and its block hook gives update()'s bits);
 //  3. known answer: it recovers the planted ranks of the kit's planted-rank problem.
+// And one for the block hook: an allocator gives the same bits with it as without it.
 //
 //   bazel test //examples/custom_importance:fisher_importance_test
+//   bazel test //examples/custom_importance:fisher_importance_avx2_test   (with the hook built)
 
 #include <array>
+#include <bit>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <random>
 #include <span>
 #include <stdexcept>
+#include <string>
 #include <vector>
+
+#include "adalora/adalora.hpp"
 
 #include "adalora/testing/conformance.hpp"
 #include "adalora/testing/planted_rank.hpp"
@@ -77,6 +86,87 @@ TEMPLATE_TEST_CASE("fisher_importance recovers the planted ranks", "[fisher][pla
   // The thresholds leave a margin of one misplaced triplet and 100x in loss.
   REQUIRE(result.overlap >= 0.9);
   REQUIRE(result.relative_loss() < 5e-3);
+}
+
+/// fisher_importance without its block hook: the allocator's generic loop.
+struct fisher_without_hook {
+  static constexpr std::size_t state_size = 1;
+  fisher_importance inner;
+  template <class T>
+  T update(tensor_role role, T p, T g, std::span<T, 1> s) const noexcept {
+    return inner.update(role, p, g, s);
+  }
+  template <class T>
+  T score(tensor_role role, T p, std::span<const T, 1> s) const noexcept {
+    return inner.score(role, p, s);
+  }
+};
+
+TEST_CASE("fisher_importance's block hook gives the allocator the same bits as update()",
+          "[fisher][hook]") {
+  constexpr bool hook_built = adalora::detail::has_update_block<fisher_importance, float>;
+  INFO("block hook built: " << hook_built);
+  // Rows of A of 8 to 300 elements, B rows of widths 4, 8, 12 (B's column kernel) and 5, one
+  // value in 100 NaN or infinite.
+  const std::vector<adalora::adapter_shape> shapes = {
+      {"q", 300, 257, 8}, {"k", 64, 70, 12}, {"v", 33, 40, 5}, {"o", 9, 600, 4}};
+  std::int64_t b0 = 0;
+  for (const auto& s : shapes) b0 += s.rank;
+  const auto schedule = [&] {
+    return adalora::cubic_schedule(
+        {.target_budget = b0 / 2, .total_step = 100, .tinit = 0, .tfinal = 0, .delta_t = 1});
+  };
+  std::vector<adalora::svd_adapter<float>> adapters;
+  std::mt19937_64 rng(5);
+  for (const auto& s : shapes) {
+    adapters.emplace_back(s.in_features, s.out_features, s.rank, 1.0);
+    adapters.back().initialize(rng);
+  }
+  adalora::adapter_set<float> set;
+  for (std::size_t a = 0; a < shapes.size(); ++a) set.add(shapes[a].name, adapters[a]);
+  adalora::rank_allocator<float, fisher_importance> with_hook(set, schedule());
+  adalora::rank_allocator<float, fisher_without_hook> without(set, schedule());
+
+  std::normal_distribution<float> normal(0.0f, 1e-2f);
+  std::uniform_int_distribution<int> pick(0, 99);
+  // A new step's values, with one in 100 replaced by `bad`.
+  const auto fill = [&](const adalora::matrix_view<float>& x, float bad) {
+    for (adalora::index_t i = 0; i < x.size(); ++i) x.data()[i] = pick(rng) == 0 ? bad : normal(rng);
+  };
+  constexpr float nan = std::numeric_limits<float>::quiet_NaN();
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  for (std::int64_t t = 0; t < 5; ++t) {
+    for (auto& a : adapters) {
+      const auto p = a.params(), g = a.grads();
+      fill(p.A, nan), fill(p.B, -inf), fill(g.A, inf), fill(g.B, nan);
+    }
+    // Both allocators see the same parameters, E included: each masks its own copy of E below,
+    // so E is saved and restored around the first step.
+    std::vector<std::vector<float>> e;
+    for (auto& a : adapters) e.emplace_back(a.params().E.data(), a.params().E.data() + a.params().E.size());
+    const auto& r1 = with_hook.step(t, set);
+    std::vector<std::vector<float>> e_hook;
+    for (std::size_t a = 0; a < adapters.size(); ++a) {
+      auto E = adapters[a].params().E;
+      e_hook.emplace_back(E.data(), E.data() + E.size());
+      std::copy(e[a].begin(), e[a].end(), E.data());
+    }
+    const auto& r2 = without.step(t, set);
+    INFO("step " << t);
+    REQUIRE(r1.non_finite == r2.non_finite);
+    REQUIRE(r1.non_finite > 0);
+    REQUIRE(std::bit_cast<std::uint64_t>(r1.threshold) == std::bit_cast<std::uint64_t>(r2.threshold));
+    const auto s1 = with_hook.resumable();
+    const auto s2 = without.resumable();
+    REQUIRE(std::vector<float>(s1.metric_state.begin(), s1.metric_state.end()) ==
+            std::vector<float>(s2.metric_state.begin(), s2.metric_state.end()));
+    for (std::size_t i = 0; i < s1.scores.size(); ++i)
+      REQUIRE(std::bit_cast<std::uint64_t>(s1.scores[i]) == std::bit_cast<std::uint64_t>(s2.scores[i]));
+    for (std::size_t a = 0; a < adapters.size(); ++a) {
+      auto E = adapters[a].params().E;
+      REQUIRE(std::vector<float>(E.data(), E.data() + E.size()) == e_hook[a]);
+    }
+  }
 }
 
 TEST_CASE("fisher_importance recovers the planted ranks on other seeds", "[fisher][planted]") {

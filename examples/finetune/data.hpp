@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "adalora/testing/planted_rank.hpp"
+
 namespace finetune {
 
 /// Activations and weights: rows are samples (or output units), row-major so that a row of a
@@ -23,23 +25,14 @@ using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMa
 using row_vector = Eigen::RowVectorXf;
 using vector = Eigen::VectorXf;
 
-/// SplitMix64 (Steele, Lea, Flood 2014) with Box–Muller normals. The std:: distributions are
-/// implementation-defined; this one gives the same numbers with every standard library, so the
-/// demo's tables are reproducible across platforms that share a libm.
-class rng {
+/// The testing kit's generator, SplitMix64 (Steele, Lea, Flood 2014) with Box–Muller normals
+/// (next(), uniform() in (0, 1], normal()), and what the demo draws besides. The std::
+/// distributions are implementation-defined; this one gives the same numbers with every standard
+/// library, so the demo's tables are reproducible across platforms that share a libm.
+class rng : public adalora::testing::detail::planted_rng {
  public:
-  explicit rng(std::uint64_t seed) noexcept : state_(seed) {}
-  std::uint64_t next() noexcept {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  /// Uniform in (0, 1].
-  double uniform() noexcept { return (static_cast<double>(next() >> 11) + 1.0) * 0x1.0p-53; }
-  double normal() noexcept {
-    return std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform());
-  }
+  using planted_rng::planted_rng;
+
   /// Uniform in [0, n).
   std::size_t below(std::size_t n) noexcept { return static_cast<std::size_t>(next() % n); }
 
@@ -49,9 +42,6 @@ class rng {
     for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<float>(stddev * normal());
     return m;
   }
-
- private:
-  std::uint64_t state_;
 };
 
 /// Independent streams for independent purposes: a run's seed must not change the data, and the

@@ -29,6 +29,8 @@
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "examples/finetune/data.hpp"
 #include "examples/finetune/model.hpp"
 #include "examples/finetune/svg.hpp"
@@ -172,6 +174,42 @@ void write_file(const fs::path& p, const std::string& content) {
   std::ofstream out(p, std::ios::binary);
   out << content;
   if (!out) throw std::runtime_error("cannot write " + p.string());
+}
+
+// ---- the JSON summary ---------------------------------------------------------------------------
+
+/// The summary keeps its keys in the order they are set.
+using json_value = nlohmann::ordered_json;
+
+/// Whether an object is among j's items, or their items, at any depth.
+bool holds_object(const json_value& j) {
+  return std::any_of(j.begin(), j.end(), [](const json_value& item) {
+    return item.is_object() || (item.is_array() && holds_object(item));
+  });
+}
+
+/// The summary as text, laid out for reading and diffing: an object or array that holds an
+/// object spreads over lines indented by two spaces a level; any other is written on one line
+/// with ", " and ": " between its items (one line per result). Numbers that are not integers are
+/// written to 6 significant digits (printf's %g), non-finite ones as null (JSON has neither NaN
+/// nor infinity); everything else as nlohmann::json writes it.
+std::string summary_text(const json_value& j, int indent = 0) {
+  if (j.is_number_float()) {
+    const double x = j.get<double>();
+    return std::isfinite(x) ? format("%.6g", x) : "null";
+  }
+  if (!j.is_structured()) return j.dump();
+  const bool spread = holds_object(j);
+  const std::string inner = "\n" + std::string(static_cast<std::size_t>(indent + 2), ' ');
+  std::string s(1, j.is_object() ? '{' : '[');
+  for (auto item = j.begin(); item != j.end(); ++item) {
+    if (item != j.begin()) s += spread ? "," : ", ";
+    if (spread) s += inner;
+    if (j.is_object()) s += json_value(item.key()).dump() + ": ";
+    s += summary_text(item.value(), indent + 2);
+  }
+  if (spread) s += "\n" + std::string(static_cast<std::size_t>(indent), ' ');
+  return s + (j.is_object() ? '}' : ']');
 }
 
 // ---- statistics -------------------------------------------------------------------------------
@@ -361,54 +399,41 @@ class task_runner {
   }
 
   /// This task's entry of the JSON summary.
-  std::string json() const {
-    std::string s = "    {\n";
-    s += "      \"task\": \"" + t_.name + "\",\n";
-    s += "      \"metric\": \"" + t_.metric + "\",\n";
-    s += format("      \"higher_is_better\": %s,\n", t_.higher_is_better ? "true" : "false");
-    s += format("      \"steps\": %lld,\n      \"seeds\": %d,\n", static_cast<long long>(steps_),
-                f_.seeds);
-    s += "      \"adapters\": [";
-    for (std::size_t l = 0; l < t_.base.layers.size(); ++l)
-      s += (l ? ", " : "") + ("\"" + t_.base.layers[l].name + "\"");
-    s += "],\n";
-    if (!t_.planted.empty()) s += "      \"planted_ranks\": " + int_list(t_.planted) + ",\n";
-    s += "      \"results\": [\n";
-    for (std::size_t k = 0; k < summaries_.size(); ++k) {
-      const arm_summary& c = summaries_[k];
-      s += "        {\"method\": \"" + c.a.name() + "\", ";
-      s += c.a.kind == method::full ? std::string("\"budget\": null, ")
-                                    : format("\"budget\": %d, ", c.a.budget);
-      s += "\"metric\": \"" + t_.metric + "\", ";
-      s += format("\"mean\": %.6g, \"std\": %.6g, ", mean(c.metric), stddev(c.metric));
-      s += format("\"params\": %.0f, \"lr\": %g, ", c.params, c.lr);
-      s += format("\"test_loss_mean\": %.6g, \"test_loss_std\": %.6g, ", mean(c.test_loss),
-                  stddev(c.test_loss));
-      if (!std::isnan(c.ratio))
-        s += format("\"ratio_to_lora\": %.6g, \"difference_to_lora\": %.6g, ", c.ratio,
-                    c.difference);
-      if (!std::isnan(c.rank_correlation))
-        s += format("\"rank_spearman_hidden\": %.6g, ", c.rank_correlation);
-      s += "\"values\": [";
-      for (std::size_t i = 0; i < c.metric.size(); ++i)
-        s += (i ? ", " : "") + format("%.6g", c.metric[i]);
-      s += "], \"ranks\": [";
-      for (std::size_t i = 0; i < c.runs.size(); ++i)
-        s += (i ? ", " : "") + int_list(c.runs[i]->ranks);
-      s += "]}";
-      s += k + 1 < summaries_.size() ? ",\n" : "\n";
+  json_value json() const {
+    json_value task = {{"task", t_.name},
+                       {"metric", t_.metric},
+                       {"higher_is_better", t_.higher_is_better},
+                       {"steps", steps_},
+                       {"seeds", f_.seeds},
+                       {"adapters", json_value::array()}};
+    for (const linear& L : t_.base.layers) task["adapters"].push_back(L.name);
+    if (!t_.planted.empty()) task["planted_ranks"] = t_.planted;
+    json_value& results = task["results"] = json_value::array();
+    for (const arm_summary& c : summaries_) {
+      json_value r = {{"method", c.a.name()}};
+      r["budget"] = c.a.kind == method::full ? json_value() : json_value(c.a.budget);
+      r["metric"] = t_.metric;
+      r["mean"] = mean(c.metric);
+      r["std"] = stddev(c.metric);
+      // A mean over seeds of whole counts, rounded to one (half to even, as printf's %.0f).
+      r["params"] = static_cast<std::int64_t>(std::nearbyint(c.params));
+      r["lr"] = c.lr;
+      r["test_loss_mean"] = mean(c.test_loss);
+      r["test_loss_std"] = stddev(c.test_loss);
+      if (!std::isnan(c.ratio)) {
+        r["ratio_to_lora"] = c.ratio;
+        r["difference_to_lora"] = c.difference;
+      }
+      if (!std::isnan(c.rank_correlation)) r["rank_spearman_hidden"] = c.rank_correlation;
+      r["values"] = c.metric;
+      r["ranks"] = json_value::array();
+      for (const run_result* run : c.runs) r["ranks"].push_back(run->ranks);
+      results.push_back(std::move(r));
     }
-    s += "      ]\n    }";
-    return s;
+    return task;
   }
 
  private:
-  static std::string int_list(const std::vector<int>& v) {
-    std::string s = "[";
-    for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-    return s + "]";
-  }
-
   std::string matrix_names() const {
     std::string s;
     for (const linear& L : t_.base.layers) s += (s.empty() ? "" : " ") + L.name;
@@ -635,7 +660,7 @@ int run(const flags& f) {
   if (f.task == "planted" || f.task == "all") names.push_back("planted");
   if (f.task == "fashion-mnist" || f.task == "all") names.push_back("fashion-mnist");
 
-  std::vector<std::string> json_tasks;
+  json_value json = {{"tasks", json_value::array()}};
   for (const std::string& name : names) {
     const auto task_start = std::chrono::steady_clock::now();
     task t;
@@ -660,18 +685,14 @@ int run(const flags& f) {
     runner.run();
     std::cout << "\n" << runner.notes() << "\n" << runner.table() << std::endl;
     runner.write_outputs(out);
-    json_tasks.push_back(runner.json());
+    json["tasks"].push_back(runner.json());
     std::cerr << format(
         "%s: %.1f s\n", name.c_str(),
         std::chrono::duration<double>(std::chrono::steady_clock::now() - task_start).count());
   }
 
-  std::string json = "{\n  \"tasks\": [\n";
-  for (std::size_t i = 0; i < json_tasks.size(); ++i)
-    json += json_tasks[i] + (i + 1 < json_tasks.size() ? ",\n" : "\n");
-  json += "  ]\n}\n";
   if (summary.has_parent_path()) fs::create_directories(summary.parent_path());
-  write_file(summary, json);
+  write_file(summary, summary_text(json) + "\n");
   std::cout << "pictures, tables and rank history in " << out.string() << "/, summary in "
             << summary.string() << "\n";
   std::cout << format(

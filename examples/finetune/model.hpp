@@ -18,10 +18,9 @@
 #include <string>
 #include <vector>
 
+#include "adalora/adalora.hpp"
 #include "adalora/integrations/eigen.hpp"
 #include "adalora/integrations/eigen_kernels.hpp"
-#include "adalora/rank_allocator.hpp"
-#include "adalora/svd_adapter.hpp"
 #include "examples/finetune/data.hpp"
 
 namespace finetune {
@@ -81,7 +80,7 @@ struct parameter {
 
 /// How the adapters are set up. LoRA: ΔW = (alpha / r) · B·A, B = 0 and A ~ N(0, 1/in) at
 /// the start (Hu et al. 2021). SVD form: ΔW = alpha / (r_init + 1e-5) · B·diag(E)·A with the
-/// references' init (E = 0, A and B ~ N(0, 0.02²); SPEC §1).
+/// references' init (E = 0, A and B ~ N(0, 0.02²); docs/algorithm.md §1).
 struct adapter_options {
   method kind = method::lora;
   std::vector<int> ranks;  ///< per layer: LoRA's and svd's fixed rank, AdaLoRA's initial rank
@@ -218,30 +217,15 @@ class adapted_network {
     return p;
   }
 
-  // ---- the SVD form: the views the library's regularizer and allocator work on ----
+  // ---- the SVD form: the adapters the library's regularizer and allocator work on ----
 
-  std::vector<adalora::svd_adapter_ref<float>> svd_params() {
-    std::vector<adalora::svd_adapter_ref<float>> v;
-    for (layer_state& s : layers_) v.push_back(adapter_params(s));
-    return v;
-  }
-  std::vector<adalora::svd_adapter_ref<float>> svd_grads() {
-    std::vector<adalora::svd_adapter_ref<float>> v;
-    for (layer_state& s : layers_) v.push_back(adapter_grads(s));
-    return v;
-  }
-  std::vector<adalora::adapter_tensors<float>> allocator_tensors() {
-    std::vector<adalora::adapter_tensors<float>> v;
-    for (layer_state& s : layers_) v.push_back({adapter_params(s), adapter_grads(s)});
-    return v;
-  }
-  std::vector<adalora::adapter_shape> allocator_shapes() const {
-    std::vector<adalora::adapter_shape> v;
-    for (std::size_t l = 0; l < base_->layers.size(); ++l) {
-      const linear& L = base_->layers[l];
-      v.push_back({L.name, L.in(), L.out(), options_.ranks[l]});
-    }
-    return v;
+  /// One named set of views of the SVD form's tensors (parameters and gradients), one adapter per
+  /// layer under the layer's name. The views point into this object, which must not move.
+  adalora::adapter_set<float> svd_adapters() {
+    adalora::adapter_set<float> set;
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      set.add(base_->layers[l].name, adapter_params(layers_[l]), adapter_grads(layers_[l]));
+    return set;
   }
 
   /// The rank of each layer's update at the start: the adapters' ranks, min(in, out) for full

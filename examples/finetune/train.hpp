@@ -1,7 +1,7 @@
 #pragma once
 // One fine-tuning run: minibatch Adam over a hand-written loss, with AdaLoRA's two extra calls
 // in their place (the regularizer's gradient before the optimizer step, the allocator right
-// after it, SPEC §3), and the numbers the demo reports.
+// after it, docs/algorithm.md §3), and the numbers the demo reports.
 
 #include <Eigen/Core>
 
@@ -13,9 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "adalora/budget_schedule.hpp"
-#include "adalora/orthogonality.hpp"
-#include "adalora/rank_allocator.hpp"
+#include "adalora/adalora.hpp"
 #include "examples/finetune/data.hpp"
 #include "examples/finetune/model.hpp"
 
@@ -192,26 +190,19 @@ inline run_result train_run(const network& base, const split& data, const loss_f
   adapted_network model(base, ao, init);
   adam optimizer(model.parameters());
 
-  // The SVD form: the library's regularizer over views of the model's tensors; AdaLoRA also
-  // has the allocator.
-  std::vector<adalora::svd_adapter_ref<float>> params, grads;
-  std::vector<adalora::adapter_tensors<float>> tensors;
+  // The SVD form: the library's regularizer over the model's adapters, one named set of views
+  // of their tensors; AdaLoRA also has the allocator, made from the same set (its initial budget
+  // is the sum of the adapters' ranks).
+  adalora::adapter_set<float> adapters;
   std::unique_ptr<adalora::rank_allocator<float>> allocator;
   adalora::orthogonality_regularizer<float> orth({.weight = c.ada.orth_weight});
-  if (svd_form(c.kind)) {
-    params = model.svd_params();
-    grads = model.svd_grads();
-  }
+  if (svd_form(c.kind)) adapters = model.svd_adapters();
   if (c.kind == method::adalora) {
-    tensors = model.allocator_tensors();
-    const auto total = [&](int per_matrix) {
-      return static_cast<std::int64_t>(per_matrix) * static_cast<std::int64_t>(n_layers);
-    };
     const auto frac = [&](double f) { return static_cast<std::int64_t>(f * double(c.steps)); };
     allocator = std::make_unique<adalora::rank_allocator<float>>(
-        model.allocator_shapes(),
-        adalora::cubic_schedule({.initial_budget = total(c.ada.initial_rank),
-                                 .target_budget = total(c.budget),
+        adapters,
+        adalora::cubic_schedule({.target_budget = static_cast<std::int64_t>(c.budget) *
+                                                  static_cast<std::int64_t>(n_layers),
                                  .total_step = c.steps,
                                  .tinit = frac(c.ada.tinit),
                                  .tfinal = frac(c.ada.tfinal),
@@ -239,11 +230,11 @@ inline run_result train_run(const network& base, const split& data, const loss_f
     const dataset batch = gather(data.train, rows);
     loss(model.forward(batch.x), batch, &dout);
     model.backward(dout);
-    if (!params.empty()) orth.value_and_gradient(params, grads);  // adds ∂R/∂A, ∂R/∂B
+    if (!adapters.empty()) orth.value_and_gradient(adapters);  // adds ∂R/∂A, ∂R/∂B
     optimizer.step(c.lr);
     if (allocator) {
       // After the optimizer step, before the gradients are cleared, t counting from 0.
-      const auto& s = allocator->step(t, tensors);
+      const auto& s = allocator->step(t, adapters);
       if (s.action == adalora::mask_action::threshold || s.forced)
         result.rank_history.push_back({t, std::vector<int>(s.kept.begin(), s.kept.end())});
     }

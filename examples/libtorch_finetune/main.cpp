@@ -1,6 +1,7 @@
 // AdaLoRA in a libtorch training loop: the adapters are torch parameters, libtorch's autograd
 // computes the gradients and a torch optimizer updates them; adalora sees the parameters and
-// their .grad() through zero-copy views (adalora/integrations/torch.hpp).
+// their .grad() through zero-copy views, gathered once in a named adapter_set
+// (adalora::add_torch_adapter, adalora/integrations/torch.hpp).
 //
 // The problem is examples/quickstart.cpp's, on the same seed: three frozen linear maps whose
 // fine-tuning target adds a hidden update of rank 4, 0 and 2, adapters of rank 6, and a rank
@@ -30,12 +31,10 @@
 #include <string>
 #include <vector>
 
-#include "adalora/budget_schedule.hpp"
+#include "adalora/adalora.hpp"
 #include "adalora/integrations/torch.hpp"
 #include "adalora/io/peft_adapter.hpp"
-#include "adalora/orthogonality.hpp"
-#include "adalora/rank_allocator.hpp"
-#include "adalora/svd_adapter.hpp"
+#include "examples/common/planted_update.hpp"
 
 namespace {
 
@@ -45,22 +44,6 @@ struct layer {
   index_t in, out, hidden_rank;
   std::vector<float> target;  // out × in, row-major
 };
-
-/// The quickstart's planted update (same draws, same order): a rank-k U·diag(k..1)·Vᵀ.
-std::vector<float> planted_update(index_t out, index_t in, index_t k, std::mt19937_64& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> m(static_cast<std::size_t>(out * in), 0.0f);
-  for (index_t c = 0; c < k; ++c) {
-    std::vector<float> u(static_cast<std::size_t>(out)), v(static_cast<std::size_t>(in));
-    for (auto& x : u) x = normal(rng) / std::sqrt(float(out));
-    for (auto& x : v) x = normal(rng) / std::sqrt(float(in));
-    const float s = float(k - c);
-    for (index_t i = 0; i < out; ++i)
-      for (index_t j = 0; j < in; ++j)
-        m[static_cast<std::size_t>(i * in + j)] += s * u[static_cast<std::size_t>(i)] * v[static_cast<std::size_t>(j)];
-  }
-  return m;
-}
 
 /// A float tensor holding a copy of `v` with the given shape.
 torch::Tensor tensor_of(const std::vector<float>& v, std::vector<int64_t> shape) {
@@ -72,21 +55,21 @@ struct problem {
   static constexpr index_t r = 6, target_total = 6, batch = 32;
   std::mt19937_64 rng{7};
   std::vector<adalora::svd_adapter<float>> initial;  // the quickstart's initial adapters
-  std::vector<adalora::adapter_shape> shapes;
 
   problem() {
-    for (std::size_t l = 0; l < layers.size(); ++l) {
-      auto& L = layers[l];
-      L.target = planted_update(L.out, L.in, L.hidden_rank, rng);
+    for (auto& L : layers) {
+      L.target = adalora_examples::planted_update(L.out, L.in, L.hidden_rank, rng);
       initial.emplace_back(L.in, L.out, r, /*alpha=*/double(r));
       initial.back().initialize(rng);
-      shapes.push_back({"layer" + std::to_string(l), L.in, L.out, r});
     }
   }
 
+  /// Layer l's adapter's name: its key in the rank pattern and in the PEFT export.
+  static std::string name(std::size_t l) { return "layer" + std::to_string(l); }
+
+  /// The initial budget is the sum of the adapters' ranks, which the allocator fills in.
   adalora::cubic_schedule schedule(std::int64_t steps) const {
-    return adalora::cubic_schedule({.initial_budget = r * index_t(layers.size()),
-                                    .target_budget = target_total,
+    return adalora::cubic_schedule({.target_budget = target_total,
                                     .total_step = steps,
                                     .tinit = steps / 10,
                                     .tfinal = steps / 4,
@@ -99,15 +82,10 @@ struct problem {
 std::vector<index_t> core_reference(std::int64_t steps) {
   problem p;
   auto adapters = p.initial;
+  adalora::adapter_set<float> set;
+  for (std::size_t l = 0; l < adapters.size(); ++l) set.add(problem::name(l), adapters[l]);
   adalora::orthogonality_regularizer<float> orth({.weight = 0.1});
-  adalora::rank_allocator<float> allocator(p.shapes, p.schedule(steps));
-  std::vector<adalora::svd_adapter_ref<float>> params, grads;
-  std::vector<adalora::adapter_tensors<float>> tensors;
-  for (auto& a : adapters) {
-    params.push_back(a.params());
-    grads.push_back(a.grads());
-    tensors.push_back({a.params(), a.grads()});
-  }
+  adalora::rank_allocator<float> allocator(set, p.schedule(steps));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const index_t batch = problem::batch;
   for (std::int64_t t = 0; t < steps; ++t) {
@@ -128,7 +106,7 @@ std::vector<index_t> core_reference(std::int64_t steps) {
       adapters[l].backward(adalora::make_matrix_view<const float>(x.data(), batch, L.in),
                            adalora::make_matrix_view<const float>(dy.data(), batch, L.out));
     }
-    orth.value_and_gradient(params, grads);
+    orth.value_and_gradient(set);
     for (auto& a : adapters) {
       auto pa = a.params();
       auto g = a.grads();
@@ -136,7 +114,7 @@ std::vector<index_t> core_reference(std::int64_t steps) {
       for (index_t i = 0; i < pa.E.size(); ++i) pa.E.data()[i] -= 0.1f * g.E.data()[i];
       for (index_t i = 0; i < pa.B.size(); ++i) pa.B.data()[i] -= 0.1f * g.B.data()[i];
     }
-    allocator.step(t, tensors);
+    allocator.step(t, set);
     for (auto& a : adapters) a.zero_grad();
   }
   const auto kept = allocator.last_result().kept;
@@ -182,6 +160,15 @@ int main(int argc, char** argv) {
     targets.push_back(tensor_of(L.target, {L.out, L.in}));
     parameters.insert(parameters.end(), {A[l], E[l], B[l]});
   }
+  // torch makes each .grad() at the first backward(). A zero one now lets one named set view the
+  // parameters and their gradients for the whole run: backward() accumulates into an existing
+  // .grad() in place, and the loop below clears them in place (not with set_to_none, which would
+  // drop the tensors the set views).
+  for (auto& q : parameters) q.mutable_grad() = torch::zeros_like(q);
+  adalora::adapter_set<float> set;
+  for (std::size_t l = 0; l < n; ++l)
+    adalora::add_torch_adapter(set, problem::name(l), A[l], E[l], B[l]);
+
   // PEFT's ranknum: a float tensor holding r, fixed; the scale is alpha / (ranknum + 1e-5).
   const auto ranknum = torch::full({1}, float(problem::r));
 
@@ -200,12 +187,7 @@ int main(int argc, char** argv) {
   // norm backward divides by zero. Adding ∂R/∂A and ∂R/∂B to .grad() before optimizer.step() is
   // exactly what autograd would do with R in the loss.
   adalora::orthogonality_regularizer<float> orth({.weight = 0.1});
-  adalora::rank_allocator<float> allocator(p.shapes, p.schedule(steps));
-  std::vector<adalora::svd_adapter_ref<float>> params, grads;
-  std::vector<adalora::adapter_tensors<float>> tensors;
-  params.reserve(n);
-  grads.reserve(n);
-  tensors.reserve(n);
+  adalora::rank_allocator<float> allocator(set, p.schedule(steps));
 
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<std::vector<float>> x_host(n);
@@ -217,31 +199,20 @@ int main(int argc, char** argv) {
       x.resize(static_cast<std::size_t>(problem::batch * L.in));
       for (auto& v : x) v = normal(p.rng);  // the quickstart's batch, drawn in the same order
       const auto xt = torch::from_blob(x.data(), {problem::batch, L.in}, torch::kFloat32);
-      // PEFT's SVDLinear forward (SPEC §2): ((x · (A ⊙ E)ᵀ) · Bᵀ) · scaling / (ranknum + 1e-5).
+      // PEFT's SVDLinear forward (docs/algorithm.md §2): ((x · (A ⊙ E)ᵀ) · Bᵀ) · scaling / (ranknum + 1e-5).
       const auto y = xt.mm((A[l] * E[l]).t()).mm(B[l].t()) * alpha / (ranknum + 1e-5);
       const auto want = xt.mm(targets[l].t());
       loss = loss + 0.5 * (y - want).pow(2).sum() / double(problem::batch);
     }
     loss.backward();
-
-    // Views are made after backward(): the .grad() tensors exist from the first backward on,
-    // and re-viewing each step is free and stays right if a gradient tensor is ever replaced.
-    params.clear();
-    grads.clear();
-    tensors.clear();
-    for (std::size_t l = 0; l < n; ++l) {
-      tensors.push_back(adalora::torch_adapter_tensors<float>(A[l], E[l], B[l]));
-      params.push_back(tensors.back().params);
-      grads.push_back(adalora::torch_adapter_grad_ref<float>(A[l], E[l], B[l]));
-    }
-    const float reg = orth.value_and_gradient(params, grads);  // adds ∂R/∂A, ∂R/∂B into .grad()
+    const float reg = orth.value_and_gradient(set);  // adds ∂R/∂A, ∂R/∂B into .grad()
 
     optimizer->step();
-    // After optimizer.step(), before zero_grad(), with t counting from 0 (SPEC §3): the
-    // allocator reads the updated parameters and the gradients that produced them, and zeroes
-    // pruned entries of E in place (no autograd graph holds E at this point).
-    const auto& step = allocator.step(t, tensors);
-    optimizer->zero_grad();
+    // After optimizer.step(), before the gradients are cleared, with t counting from 0 (docs/algorithm.md
+    // §3): the allocator reads the updated parameters and the gradients that produced them, and
+    // zeroes pruned entries of E in place (no autograd graph holds E at this point).
+    const auto& step = allocator.step(t, set);
+    for (auto& q : parameters) q.mutable_grad().zero_();  // in place: the set views them
 
     if (t % (steps / 6) == 0 || t == steps - 1)
       std::printf("step %4lld  loss %.5f  orth %.4f  budget %2lld  kept %lld %lld %lld\n",
@@ -286,7 +257,7 @@ int main(int argc, char** argv) {
     config.pattern = allocator.pattern();
     std::vector<adalora::peft_module_ref<float>> modules;
     for (std::size_t l = 0; l < n; ++l)
-      modules.push_back({p.shapes[l].name, adalora::torch_adapter_ref<const float>(A[l], E[l], B[l])});
+      modules.push_back({set.name(l), adalora::torch_adapter_ref<const float>(A[l], E[l], B[l])});
     adalora::save_peft_adapter<float>(export_dir, config, modules);
     std::printf("wrote %s/%s and %s/%s\n", export_dir.c_str(), adalora::peft_weights_file,
                 export_dir.c_str(), adalora::peft_config_file);

@@ -30,11 +30,9 @@
 #include <string>
 #include <vector>
 
-#include "adalora/budget_schedule.hpp"
+#include "adalora/adalora.hpp"
 #include "adalora/integrations/mpi.hpp"
-#include "adalora/orthogonality.hpp"
-#include "adalora/rank_allocator.hpp"
-#include "adalora/svd_adapter.hpp"
+#include "examples/common/planted_update.hpp"
 
 namespace {
 
@@ -45,21 +43,6 @@ struct layer {
   index_t in, out, hidden_rank;
   std::vector<float> target;  // the update the adapter should learn, out × in
 };
-
-/// A rank-k matrix U·diag(s)·Vᵀ with random factors and singular values 1..k (as the quick start).
-std::vector<float> planted_update(index_t out, index_t in, index_t k, std::mt19937_64& rng) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> m(static_cast<std::size_t>(out * in), 0.0f);
-  for (index_t c = 0; c < k; ++c) {
-    std::vector<float> u(static_cast<std::size_t>(out)), v(static_cast<std::size_t>(in));
-    for (auto& x : u) x = normal(rng) / std::sqrt(float(out));
-    for (auto& x : v) x = normal(rng) / std::sqrt(float(in));
-    const float s = float(k - c);
-    for (index_t i = 0; i < out; ++i)
-      for (index_t j = 0; j < in; ++j) m[static_cast<std::size_t>(i * in + j)] += s * u[i] * v[j];
-  }
-  return m;
-}
 
 struct outcome {
   std::vector<index_t> hidden, kept;
@@ -78,31 +61,22 @@ outcome train(std::int64_t steps, const adalora::mpi_communicator* comm, bool ve
   const adalora::index_slice mine = adalora::even_slice(batch, comm ? comm->rank() : 0, ranks);
 
   std::vector<adalora::svd_adapter<float>> adapters;
-  std::vector<adalora::adapter_shape> shapes;
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    auto& L = layers[l];
-    L.target = planted_update(L.out, L.in, L.hidden_rank, rng);
+  for (auto& L : layers) {
+    L.target = adalora_examples::planted_update(L.out, L.in, L.hidden_rank, rng);
     adapters.emplace_back(L.in, L.out, r, /*alpha=*/double(r));
     adapters.back().initialize(rng);
-    shapes.push_back({"layer" + std::to_string(l), L.in, L.out, r});
   }
+  // Every replica holds all of every adapter: a set of whole adapters, as in one process.
+  adalora::adapter_set<float> set;
+  for (std::size_t l = 0; l < adapters.size(); ++l) set.add("layer" + std::to_string(l), adapters[l]);
 
   adalora::orthogonality_regularizer<float> orth({.weight = 0.1});
   adalora::rank_allocator<float> allocator(  // single_process: see the file comment
-      shapes, adalora::cubic_schedule({.initial_budget = r * index_t(layers.size()),
-                                       .target_budget = target_total,
-                                       .total_step = steps,
-                                       .tinit = steps / 10,
-                                       .tfinal = steps / 4,
-                                       .delta_t = 10}));
-
-  std::vector<adalora::svd_adapter_ref<float>> params, grads;
-  std::vector<adalora::adapter_tensors<float>> tensors;
-  for (auto& a : adapters) {
-    params.push_back(a.params());
-    grads.push_back(a.grads());
-    tensors.push_back({a.params(), a.grads()});
-  }
+      set, adalora::cubic_schedule({.target_budget = target_total,
+                                    .total_step = steps,
+                                    .tinit = steps / 10,
+                                    .tfinal = steps / 4,
+                                    .delta_t = 10}));
   std::optional<adalora::gradient_all_reducer<float>> reduce_grads;
   if (comm) reduce_grads.emplace(*comm);
 
@@ -136,10 +110,10 @@ outcome train(std::int64_t steps, const adalora::mpi_communicator* comm, bool ve
     }
     // The data gradients are the only thing to all-reduce before the allocator: their sum over
     // the ranks (divisor 1, see above) is the whole batch's mean gradient.
-    if (reduce_grads) (*reduce_grads)(grads, 1.0);
+    if (reduce_grads) (*reduce_grads)(set.grads(), 1.0);
     // The regularizer depends on the parameters alone, identical on every replica: each adds it
     // locally, after the all-reduce, with nothing to exchange.
-    const float reg = orth.value_and_gradient(params, grads);
+    const float reg = orth.value_and_gradient(set);
 
     for (auto& a : adapters) {  // SGD, then the allocator, then clear the gradients
       auto p = a.params();
@@ -148,7 +122,7 @@ outcome train(std::int64_t steps, const adalora::mpi_communicator* comm, bool ve
       for (index_t i = 0; i < p.E.size(); ++i) p.E.data()[i] -= lr * g.E.data()[i];
       for (index_t i = 0; i < p.B.size(); ++i) p.B.data()[i] -= lr * g.B.data()[i];
     }
-    const auto& step = allocator.step(t, tensors);  // after optimizer.step(), t from 0
+    const auto& step = allocator.step(t, set);  // after optimizer.step(), t from 0
     for (auto& a : adapters) a.zero_grad();
 
     if (t % (steps / 6) == 0 || t == steps - 1) {

@@ -27,10 +27,8 @@
 #include <xtensor/xtensor.hpp>
 #include <xtensor/xview.hpp>
 
-#include "adalora/budget_schedule.hpp"
+#include "adalora/adalora.hpp"
 #include "adalora/integrations/xtensor.hpp"
-#include "adalora/orthogonality.hpp"
-#include "adalora/rank_allocator.hpp"
 
 namespace {
 
@@ -88,7 +86,6 @@ int main(int argc, char** argv) {
   };
   const spec specs[] = {{"layer0", 24, 16, 4}, {"layer1", 16, 16, 0}, {"layer2", 16, 12, 2}};
   std::vector<adapter> adapters;
-  std::vector<adalora::adapter_shape> shapes;
   std::int64_t target_total = 0;
   for (const spec& s : specs) {
     adapter a{};
@@ -114,19 +111,15 @@ int main(int argc, char** argv) {
     a.mB = a.vB = a.gB;
     a.mE = a.vE = a.gE;
     adapters.push_back(std::move(a));
-    using adalora::index_t;
-    shapes.push_back({s.name, index_t(s.in), index_t(s.out), index_t(r)});
     target_total += std::int64_t(k);
   }
 
-  // Views of the xtensor memory, made once: the tensors are never reallocated below.
-  std::vector<adalora::svd_adapter_ref<float>> params, grads;
-  std::vector<adalora::adapter_tensors<float>> tensors;
-  for (adapter& a : adapters) {
-    params.push_back({adalora::as_matrix(a.A), adalora::as_vector(a.E), adalora::as_matrix(a.B)});
-    grads.push_back({adalora::as_matrix(a.gA), adalora::as_vector(a.gE), adalora::as_matrix(a.gB)});
-    tensors.push_back({params.back(), grads.back()});
-  }
+  // One named set of views of the xtensor memory, made once: the tensors are never reallocated
+  // below. The regularizer and the allocator both take it.
+  adalora::adapter_set<float> set;
+  for (adapter& a : adapters)
+    set.add(a.name, {adalora::as_matrix(a.A), adalora::as_vector(a.E), adalora::as_matrix(a.B)},
+            {adalora::as_matrix(a.gA), adalora::as_vector(a.gE), adalora::as_matrix(a.gB)});
 
   // The paper's squared form, whose gradient vanishes as A and B become orthonormal. The
   // references' unsquared mean has a gradient of constant size: once this noise-free, full-batch
@@ -134,13 +127,13 @@ int main(int argc, char** argv) {
   // needed triplet on 1 to 4 seeds of 30 (measured); with this form, on 0 of 100 at 600 steps.
   adalora::orthogonality_regularizer<float> orth(
       {.weight = 0.3, .form = adalora::orthogonality_form::paper_squared});
+  // The schedule's initial budget, the sum of the adapters' ranks (18), is the allocator's.
   adalora::rank_allocator<float> allocator(
-      shapes, adalora::cubic_schedule({.initial_budget = std::int64_t(r * adapters.size()),
-                                       .target_budget = target_total,
-                                       .total_step = steps,
-                                       .tinit = steps / 10,
-                                       .tfinal = steps / 4,
-                                       .delta_t = 10}));
+      set, adalora::cubic_schedule({.target_budget = target_total,
+                                    .total_step = steps,
+                                    .tinit = steps / 10,
+                                    .tfinal = steps / 4,
+                                    .delta_t = 10}));
 
   const double lr = 0.01;
   for (std::int64_t t = 0; t < steps; ++t) {
@@ -158,7 +151,7 @@ int main(int argc, char** argv) {
       xt::noalias(a.gE) = xt::sum(BtR * a.A, {1});
       xt::noalias(a.gB) = mul_nt(R, a.A) * xt::view(a.E, newaxis(), all());
     }
-    const float reg = orth.value_and_gradient(params, grads);  // adds ∂R/∂A, ∂R/∂B into gA, gB
+    const float reg = orth.value_and_gradient(set);  // adds ∂R/∂A, ∂R/∂B into gA, gB
 
     // Adam (Kingma & Ba 2015), in place. Also here xt::noalias: xtensor's `p -= expr` means
     // `p = p - expr`, which evaluates into a new buffer too.
@@ -176,7 +169,7 @@ int main(int argc, char** argv) {
       adam(a.B, a.gB, a.mB, a.vB);
     }
     // After the optimizer step and before the gradients are cleared, t counting from 0.
-    const auto& step = allocator.step(t, tensors);
+    const auto& step = allocator.step(t, set);
     // No zeroing needed: the next step overwrites every gradient (xt::noalias above).
 
     if (t % (steps / 5) == 0 || t == steps - 1)
@@ -191,10 +184,11 @@ int main(int argc, char** argv) {
   // the allocator pruned through its view is zero in the xtensor E itself.
   for (std::size_t l = 0; l < adapters.size(); ++l) {
     const adapter& a = adapters[l];
+    const auto& p = set.params()[l];
+    const auto& g = set.grads()[l];
     const bool same_memory =
-        params[l].A.data() == a.A.data() && params[l].E.data() == a.E.data() &&
-        params[l].B.data() == a.B.data() && grads[l].A.data() == a.gA.data() &&
-        grads[l].E.data() == a.gE.data() && grads[l].B.data() == a.gB.data() &&
+        p.A.data() == a.A.data() && p.E.data() == a.E.data() && p.B.data() == a.B.data() &&
+        g.A.data() == a.gA.data() && g.E.data() == a.gE.data() && g.B.data() == a.gB.data() &&
         adalora::as_matrix(a.A).data() == a.A.data() &&
         adalora::as_vector(a.E).data() == a.E.data();
     const auto zeros = std::size_t(xt::sum(xt::equal(a.E, 0.0f))());

@@ -4,12 +4,8 @@
 #include <Eigen/Core>
 
 #include <cstdio>
-#include <vector>
 
-#include "adalora/budget_schedule.hpp"
-#include "adalora/orthogonality.hpp"
-#include "adalora/rank_allocator.hpp"
-#include "adalora/svd_adapter.hpp"
+#include "adalora/adalora.hpp"
 #include "adalora/integrations/eigen.hpp"
 
 static_assert(ADALORA_VERSION_MAJOR == 0, "the installed headers carry the version");
@@ -32,9 +28,12 @@ int main() {
     std::printf("cmake consumer: adapter output differs from Eigen's\n");
     return 1;
   }
-  std::vector<adalora::svd_adapter_ref<float>> all = {params};
+  Mat dA = Mat::Zero(r, in), dB = Mat::Zero(out, r);
+  Eigen::VectorXf dE = Eigen::VectorXf::Zero(r);
+  adalora::adapter_set<float> set;
+  set.add("q", params, {adalora::as_matrix(dA), adalora::as_vector(dE), adalora::as_matrix(dB)});
   adalora::orthogonality_regularizer<float> orth({.weight = 0.1});
-  const float reg = orth.value(all);
+  const float reg = orth.value(set);
   std::printf("cmake consumer: OK (adalora %d.%d.%d, regularizer %.4f)\n", ADALORA_VERSION_MAJOR,
               ADALORA_VERSION_MINOR, ADALORA_VERSION_PATCH, double(reg));
   return 0;

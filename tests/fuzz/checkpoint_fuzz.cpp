@@ -103,8 +103,8 @@ void load_own_config(std::span<const std::uint8_t> bytes) {
 
 void try_all(std::span<const std::uint8_t> bytes) {
   // The options of the seeds (make_checkpoint_corpus.cpp).
-  static fixed_target<float> f32({.semantics = adalora::final_phase::peft});
-  static fixed_target<double> f64({.semantics = adalora::final_phase::loralib,
+  static fixed_target<float> f32({.final_phase = adalora::final_phase_rule::peft});
+  static fixed_target<double> f64({.final_phase = adalora::final_phase_rule::loralib,
                                    .non_finite = adalora::non_finite_policy::skip_step});
   f32.load(bytes);
   f64.load(bytes);

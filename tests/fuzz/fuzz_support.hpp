@@ -111,7 +111,7 @@ template <class A>
 std::vector<double> snapshot(const A& alloc) {
   const auto s = alloc.resumable();
   std::vector<double> v = {double(s.last_step), double(s.force_masked), double(s.last->budget),
-                           double(s.last->k), double(s.last->kept_total), s.last->threshold};
+                           double(s.last->prune_count), double(s.last->kept_total), s.last->threshold};
   for (auto x : s.metric_state) v.push_back(double(x));
   for (auto x : s.kept) v.push_back(double(x));
   for (auto x : s.scores) v.push_back(x);

@@ -38,12 +38,12 @@ void write(const std::string& dir, const std::string& name, adalora::rank_alloca
 }
 
 template <class T>
-void seeds(const std::string& dir, const std::string& type, adalora::final_phase semantics,
+void seeds(const std::string& dir, const std::string& type, adalora::final_phase_rule semantics,
            adalora::non_finite_policy policy) {
-  const std::string tag = type + (semantics == adalora::final_phase::peft ? "_peft" : "_loralib");
+  const std::string tag = type + (semantics == adalora::final_phase_rule::peft ? "_peft" : "_loralib");
   for (std::int64_t steps : {0, 5, 10, 12}) {  // fresh, reduction, just after T - tfinal, final
     adalora::rank_allocator<T> alloc(fuzz::shapes(), adalora::cubic_schedule(fuzz::schedule_options()),
-                                     {}, {.semantics = semantics, .non_finite = policy});
+                                     {}, {.final_phase = semantics, .non_finite = policy});
     write(dir, tag + "_" + std::to_string(steps) + ".ckpt", alloc, steps);
   }
 }
@@ -56,8 +56,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string dir = argv[1];
-  seeds<float>(dir, "f32", adalora::final_phase::peft, adalora::non_finite_policy::ignore_elements);
-  seeds<double>(dir, "f64", adalora::final_phase::loralib, adalora::non_finite_policy::skip_step);
+  seeds<float>(dir, "f32", adalora::final_phase_rule::peft, adalora::non_finite_policy::ignore_elements);
+  seeds<double>(dir, "f64", adalora::final_phase_rule::loralib, adalora::non_finite_policy::skip_step);
   adalora::rank_allocator<float, adalora::magnitude, adalora::linear_schedule> mag(
       fuzz::shapes(), adalora::linear_schedule(fuzz::schedule_options()), {},
       {.ties = adalora::tie_policy::exact_budget});

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the hostile-input seeds of the JSON fuzz targets (issue 14) into tests/fuzz/corpus:
+"""Writes the hostile-input seeds of the JSON fuzz targets into tests/fuzz/corpus:
 documents nested 100,000 deep (200 KB, too large to type), duplicate keys, NUL and other
 padding, and numbers that no 64-bit integer holds. Deterministic; rerun after changing it.
 Usage: tests/fuzz/make_json_seeds.py (from anywhere)."""

@@ -178,7 +178,7 @@ struct run_config {
   adalora::shard_layout layout = adalora::shard_layout::replicated;
   unsigned threads = 1;
   bool restart = false;  // save and restore each rank's allocator state after the restart_after steps
-  adalora::final_phase semantics = adalora::final_phase::peft;
+  adalora::final_phase_rule final_phase = adalora::final_phase_rule::peft;
 };
 
 /// What a run decided and did.
@@ -199,7 +199,7 @@ void record(
     const adalora::step_result<T>& r, const model<T>& m) {
   auto& d = out.decisions;
   for (std::int64_t v : {r.step, r.budget, std::int64_t(r.mask_due), std::int64_t(r.importance_updated),
-                         std::int64_t(r.forced), std::int64_t(r.action), std::int64_t(r.skipped), r.k,
+                         std::int64_t(r.forced), std::int64_t(r.action), std::int64_t(r.skipped), r.prune_count,
                          std::int64_t(r.kept_total)})
     d.push_back(static_cast<std::uint64_t>(v));
   d.push_back(bits(r.threshold));
@@ -219,7 +219,7 @@ outcome<T> run_with(const run_config& c, const adalora::mpi_communicator& world,
   const int P = world.size(), p = world.rank();
   outcome<T> out;
   out.mine = c.how == mode::sharded ? adalora::shard_shapes(whole_shapes, c.layout, world) : whole_shapes;
-  const adalora::allocator_options options{.semantics = c.semantics, .threads = c.threads};
+  const adalora::allocator_options options{.final_phase = c.final_phase, .threads = c.threads};
   std::optional<alloc_t> alloc;
   alloc.emplace(out.mine, schedule(), adalora::smoothed_sensitivity{}, options, comm);
 
@@ -384,15 +384,15 @@ const char* name_of(adalora::shard_layout l) {
 template <class T>
 void allocator_cases(report& rep, const adalora::mpi_communicator& world) {
   const char* type = sizeof(T) == 4 ? "f32" : "f64";
-  for (auto semantics : {adalora::final_phase::peft, adalora::final_phase::loralib}) {
+  for (auto semantics : {adalora::final_phase_rule::peft, adalora::final_phase_rule::loralib}) {
     const std::string suffix =
         std::string(", ") + type +
-        (semantics == adalora::final_phase::peft ? ", PEFT final phase" : ", loralib final phase");
-    const outcome<T> ref = run<T>({.semantics = semantics}, world);
+        (semantics == adalora::final_phase_rule::peft ? ", PEFT final phase" : ", loralib final phase");
+    const outcome<T> ref = run<T>({.final_phase = semantics}, world);
     std::vector<std::pair<std::string, run_config>> configs = {
-        {"data-parallel", {.how = mode::data_parallel, .semantics = semantics}},
+        {"data-parallel", {.how = mode::data_parallel, .final_phase = semantics}},
         {"data-parallel, 2 allocator threads",
-         {.how = mode::data_parallel, .threads = 2, .semantics = semantics}},
+         {.how = mode::data_parallel, .threads = 2, .final_phase = semantics}},
     };
     for (auto layout :
          {adalora::shard_layout::triplets, adalora::shard_layout::blocks, adalora::shard_layout::adapters}) {
@@ -400,10 +400,10 @@ void allocator_cases(report& rep, const adalora::mpi_communicator& world) {
       const unsigned threads = layout == adalora::shard_layout::triplets ? 2 : 1;
       configs.push_back(
           {std::string("sharded ") + name_of(layout) + (threads > 1 ? ", 2 allocator threads" : ""),
-           {.how = mode::sharded, .layout = layout, .threads = threads, .semantics = semantics}});
+           {.how = mode::sharded, .layout = layout, .threads = threads, .final_phase = semantics}});
       configs.push_back({std::string("sharded ") + name_of(layout) +
                              ", each rank's state saved and restored in a new allocator at steps 7 and 16",
-                         {.how = mode::sharded, .layout = layout, .restart = true, .semantics = semantics}});
+                         {.how = mode::sharded, .layout = layout, .restart = true, .final_phase = semantics}});
     }
     for (const auto& [name, config] : configs) {
       const outcome<T> got = run<T>(config, world);
