@@ -1,6 +1,6 @@
 #pragma once
 // Test-only helpers to read the reference implementations' golden files (tests/data/*.json,
-// copied from ../shared/golden) into plain row-major buffers.
+// produced by running PEFT and loralib, see docs/algorithm.md) into plain row-major buffers.
 
 #include <nlohmann/json.hpp>
 
