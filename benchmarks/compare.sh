@@ -5,9 +5,14 @@
 #   benchmarks/compare.sh                      # all shapes, 1 and 2 threads, 5 rounds
 #   benchmarks/compare.sh --json perf.json     # also write the table as JSON
 #   benchmarks/compare.sh --reps 3 --quick     # faster: skips the ~30 s LLaMA r=64 torch regularizer
+#   benchmarks/compare.sh --allow-reference-blas   # run even on the reference BLAS (refused
+#                                                  # otherwise; the output then says so loudly)
+#   benchmarks/compare.sh --max-other-cpu 0.1  # n/t limit for two-thread rows (share of a core)
 #
 # Numbers are only comparable within one run: the machines are shared and noisy, so the script
-# measures both sides (and the triad/GEMM rooflines) in the same run and reports medians.
+# measures both sides (and the triad/GEMM rooflines) in the same run and reports medians. It
+# prints which BLAS torch loaded and how much CPU other processes took during the run; two-thread
+# ratios disturbed by them, or by torch's OpenMP threads collapsing, are printed as n/t.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bazel build --config=opt //benchmarks:adalora_bench

@@ -9,11 +9,14 @@ packages=(
   catch2 libbenchmark-dev                      # tests and micro-benchmarks
   libopenmpi-dev openmpi-bin                   # //adalora/integrations:mpi, its tests and example
   cmake make                                   # tests/cmake_consumer_test.sh
+  wordnet-base dict-gcide                      # examples/transformer's data: WordNet 3.0, GCIDE
   "$@"
 )
 # For the targets tagged "libtorch": installed when possible; where not, scripts/test.sh skips
-# those targets and says so.
-optional=(libtorch-dev python3-torch)
+# those targets and says so. libopenblas0 is the BLAS Debian's libtorch recommends and what its
+# users get: without it (--no-install-recommends) torch multiplies on the reference BLAS, some
+# 10x slower.
+optional=(libtorch-dev python3-torch libopenblas0)
 missing_optional=()
 for p in "${optional[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing_optional+=("$p")
