@@ -415,10 +415,9 @@ struct arm_summary {
   std::vector<double> grid_lrs;
 };
 
-double mean(const std::vector<double>& v) { return mean_of(v); }
 double stddev(const std::vector<double>& v) {
   if (v.size() < 2) return 0;
-  const double m = mean(v);
+  const double m = mean_of(v);
   double s = 0;
   for (const double x : v) s += (x - m) * (x - m);
   return std::sqrt(s / double(v.size() - 1));
@@ -516,11 +515,10 @@ round_trip peft_round_trip(const run_result& r, const prepared& d, const fs::pat
 
 // ---- reports -------------------------------------------------------------------------------------
 
+/// Written with the library's atomic writer: a failed run leaves the previous file intact.
 void write_text(const fs::path& file, const std::string& text) {
   fs::create_directories(file.parent_path());
-  std::ofstream out(file, std::ios::binary);
-  out << text;
-  if (!out) throw std::runtime_error("cannot write " + file.string());
+  adalora::write_file_for("transformer", file.string(), std::string_view(text));
 }
 
 json phase_json(const phase_times& p) {
@@ -582,7 +580,7 @@ std::vector<step_cost_result> step_costs(const encoder& base, const prepared& d,
     std::cerr << format("step cost: budget %d, %lld timed steps per model, 4 models in turn...\n", b,
                         (long long)f.cost_steps);
     costs.push_back(measure_step_cost(base, d.train, d.classes, b, f.cost_steps, 10, f.steps,
-                                      f.batch, adalora_recipe{}, {}));
+                                      f.batch, adalora_recipe{}));
   }
   load_after = load_text();
   if (!costs.empty()) {
@@ -715,7 +713,7 @@ int main(int argc, char** argv) try {
   fs::create_directories(out);
   const auto lora_mean = [&](int b) {
     const auto it = summaries.find({method::lora, b});
-    return it == summaries.end() ? std::nan("") : mean(test_accuracies(it->second));
+    return it == summaries.end() ? std::nan("") : mean_of(test_accuracies(it->second));
   };
   std::string table = format(
       "WordNet 3.0 lexicographer file from the gloss: %lld classes, %lld/%lld/%lld "
@@ -750,11 +748,11 @@ int main(int argc, char** argv) try {
     const bool full = a->key.kind == method::full;
     const double vs = full || (a->key.kind == method::lora && !a->key.at_adalora_ranks)
                           ? std::nan("")
-                          : mean(acc) - lora_mean(a->key.budget);
+                          : mean_of(acc) - lora_mean(a->key.budget);
     std::string ranks = full ? "dense | dense" : rank_sums(mean_ranks(*a), config.layers);
     const auto bar = ranks.find(" | ");
     table += format("| %s | %s | %.0f | %.0e | %.4f ± %.4f | %s | %s | %s |\n", a->label.c_str(),
-                    full ? "-" : std::to_string(a->key.budget).c_str(), params, a->lr, mean(acc),
+                    full ? "-" : std::to_string(a->key.budget).c_str(), params, a->lr, mean_of(acc),
                     stddev(acc), std::isnan(vs) ? "" : format("%+.1f points", 100 * vs).c_str(),
                     ranks.substr(0, bar).c_str(), ranks.substr(bar + 3).c_str());
   }
@@ -840,14 +838,14 @@ int main(int argc, char** argv) try {
     json r = {{"method", std::string(method_name(a->key.kind)) + (a->key.at_adalora_ranks ? "_at_adalora_ranks" : "")}};
     r["budget"] = a->key.kind == method::full ? json() : json(a->key.budget);
     r["metric"] = "accuracy";
-    r["mean"] = mean(acc);
+    r["mean"] = mean_of(acc);
     r["std"] = stddev(acc);
     double params = 0;
     for (const auto& x : a->runs) params += double(x.trainable) / double(a->runs.size());
     r["params"] = std::int64_t(std::nearbyint(params));
     r["lr"] = a->lr;
     if (a->key.kind != method::full && !(a->key.kind == method::lora && !a->key.at_adalora_ranks))
-      r["difference_to_lora"] = mean(acc) - lora_mean(a->key.budget);
+      r["difference_to_lora"] = mean_of(acc) - lora_mean(a->key.budget);
     r["values"] = acc;
     r["ranks"] = json::array();
     for (const auto& x : a->runs) r["ranks"].push_back(x.ranks);

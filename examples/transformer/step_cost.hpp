@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -73,8 +72,7 @@ inline torch::Tensor peft_orthogonality(encoder& model) {
 inline step_cost_result measure_step_cost(const encoder& pretrained, const labelled_set& train,
                                           std::int64_t classes, int budget, std::int64_t steps,
                                           std::int64_t warmup, std::int64_t schedule_steps,
-                                          std::int64_t batch, const adalora_recipe& recipe,
-                                          const std::function<void(std::int64_t)>& progress) {
+                                          std::int64_t batch, const adalora_recipe& recipe) {
   using clock = std::chrono::steady_clock;
   const auto ms = [](clock::time_point a, clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
@@ -185,7 +183,6 @@ inline step_cost_result measure_step_cost(const encoder& pretrained, const label
       // PEFT: loss = task loss + orth_reg_weight · R, one backward() through both.
       const auto t0 = clock::now();
       const torch::Tensor task = ce(peft);
-      const auto t1 = clock::now();
       (task + recipe.orth_weight * peft_orthogonality(*peft.model)).backward();
       const auto t2 = clock::now();
       peft.optimizer->step();
@@ -201,10 +198,8 @@ inline step_cost_result measure_step_cost(const encoder& pretrained, const label
         out.peft_style.optimizer.push_back(ms(t2, t3));
         out.peft_style.allocator.push_back(ms(t3, t4));
         out.peft_style.total.push_back(ms(t0, t4));
-        (void)t1;
       }
     }
-    if (progress) progress(t);
   }
   return out;
 }

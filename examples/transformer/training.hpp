@@ -234,8 +234,9 @@ inline run_result fine_tune(const run_config& c, const encoder& pretrained, cons
   result.validation = evaluate(*model, head_w, head_b, validation);
   result.test = evaluate(*model, head_w, head_b, test);
 
-  for (std::size_t i = 0; i < model->adapted().size(); ++i) {
-    const adapted_linear* a = model->adapted()[i];
+  const std::vector<adapted_linear*> adapted = model->adapted();
+  for (std::size_t i = 0; i < adapted.size(); ++i) {
+    const adapted_linear* a = adapted[i];
     if (c.kind == method::full) result.ranks.push_back(0);
     else if (c.kind == method::lora) result.ranks.push_back(a->A.defined() ? int(a->A.size(0)) : 0);
     else if (allocator) result.ranks.push_back(int(allocator->last_result().kept[i]));
@@ -244,9 +245,8 @@ inline run_result fine_tune(const run_config& c, const encoder& pretrained, cons
   if (allocator) {
     // What AdaLoRA ends up training: the kept triplets (PEFT's parameter count after resizing).
     result.trainable = head_w.numel() + head_b.numel();
-    const auto all = model->adapted();
-    for (std::size_t i = 0; i < all.size(); ++i)
-      result.trainable += std::int64_t(result.ranks[i]) * (all[i]->W.size(0) + all[i]->W.size(1) + 1);
+    for (std::size_t i = 0; i < adapted.size(); ++i)
+      result.trainable += std::int64_t(result.ranks[i]) * (adapted[i]->W.size(0) + adapted[i]->W.size(1) + 1);
     result.pattern = allocator->pattern();
   }
   if (keep_model) {
