@@ -16,7 +16,8 @@ What is compared, per benchmark shape (DeBERTaV3-base r=12, LLaMA-7B r=8 and r=6
   orthogonality      torch autograd of the regularizer, sum of ||A A^T - I||_F and
                      ||B^T B - I||_F over all adapters (docs/algorithm.md ยง8), value + backward.
 against the binary's allocator_step / importance_update and its orthogonality regularizer with
-the Eigen kernel. The same thread count is used on both sides (torch.set_num_threads).
+the Eigen kernel. The same thread count is used on both sides: torch.set_num_threads, and the
+BLAS's own count where it has one (OpenBLAS, FlexiBLAS, BLIS; see blas_thread_setter).
 
 Timing: per shape, both sides are sampled in --reps rounds (one repetition of each of our
 benchmarks, then one call of each torch operation), and each figure is the median of its
@@ -46,7 +47,8 @@ empty where trusted):
                       operation: its OpenMP threads spin at barriers and collapse when a core is
                       shared; ratio is null.
 "machine" also holds "blas" (the BLAS torch loaded, from /proc/self/maps; "reference": true only
-under --allow-reference-blas, which a run on the reference BLAS needs) and "state": the load
+under --allow-reference-blas, which a run on the reference BLAS needs; "threads_pinned": whether
+the BLAS's own thread count followed torch's) and "state": the load
 averages before and after, and the CPU time other processes took, for the whole run and per
 phase (see cpu_snapshot for the method).
 The "adapter" list holds the adapter forward/backward at full and half rank (ours only, the
@@ -63,6 +65,7 @@ The PyTorch idioms below are written from the description in docs/algorithm.md ย
 """
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -272,6 +275,28 @@ def torch_blas():
         return blas_of_maps(f.read())
 
 
+# The functions that set a BLAS's own thread count. torch.set_num_threads sets torch's OpenMP
+# pool (and MKL's), not these: Debian's OpenBLAS (pthread variant) starts one thread per core
+# whatever torch is told, so without this a "one-thread" torch row multiplied on two cores (a
+# 64x11008 Gram: 0.81 ms against 1.15 ms pinned, measured here).
+BLAS_THREAD_SETTERS = {"OpenBLAS": "openblas_set_num_threads", "FlexiBLAS": "flexiblas_set_num_threads",
+                       "BLIS": "bli_thread_set_num_threads"}
+
+
+def blas_thread_setter(blas):
+    """A function t -> None that sets the thread count of the BLAS torch runs on, or None where
+    that BLAS has no such call or is not identified (MKL follows torch.set_num_threads)."""
+    name = BLAS_THREAD_SETTERS.get((blas["library"] or "").split(" ")[0])
+    if name is None or not blas["path"]:
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(blas["path"]), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], None
+    return fn
+
+
 def blas_warning(blas, allow_reference):
     """The loud line for a run on the reference BLAS (None otherwise); without allow_reference,
     exits with the reason instead."""
@@ -395,6 +420,14 @@ def main():
     blas_line = blas_warning(blas, args.allow_reference_blas)
     if blas_line:
         print(blas_line, file=sys.stderr, flush=True)
+    set_blas_threads = blas_thread_setter(blas)
+    blas["threads_pinned"] = set_blas_threads is not None or blas["library"] == "MKL"
+
+    def set_threads(t):
+        """Both of torch's thread counts: its OpenMP pool and its BLAS's own."""
+        torch.set_num_threads(t)
+        if set_blas_threads:
+            set_blas_threads(t)
     run_start = cpu_snapshot()
     phases = {}
 
@@ -417,13 +450,13 @@ def main():
             for key, v in ours.items():
                 ours_samples.setdefault(key, []).append(v)
             for t in threads:
-                torch.set_num_threads(t)
+                set_threads(t)
                 for op, fn in (("importance_update", idiom.update_ipt), ("allocator_step", idiom.step)):
                     torch_samples.setdefault(f"{op}/{shape}/threads:{t}", []).append(
                         time_torch(fn, 1, warm_up=rnd == 0))
             # The regularizer is single-threaded on our side; torch gets 1 thread too. Calls over
             # 10 s (LLaMA r = 64) are timed in the first two rounds only.
-            torch.set_num_threads(1)
+            set_threads(1)
             key = f"orthogonality/{shape}"
             if reg is not None and (rnd < 2 or torch_samples[key][-1] < 10e3):
                 torch_samples.setdefault(key, []).append(
@@ -577,8 +610,10 @@ def print_table(machine, rows, adapter_rows):
           f"{machine['eigen_sgemm_GFLOPs']:.1f} GFLOP/s, DGEMM {machine['eigen_dgemm_GFLOPs']:.1f}; "
           f"torch {machine['torch']}; medians of {machine['reps']}")
     if blas["library"]:
+        pinned = ("its threads set with torch's" if blas.get("threads_pinned") else
+                  "its own thread count NOT controlled: torch rows may use more threads than stated")
         print(f"torch BLAS: {blas['library']}, {blas['path']} (mapped: "
-              f"{', '.join(os.path.basename(p) for p in blas['mapped'])})")
+              f"{', '.join(os.path.basename(p) for p in blas['mapped'])}); {pinned}")
     else:
         print("torch BLAS: not identified (no BLAS library among the mapped files: linked "
               "statically?)")

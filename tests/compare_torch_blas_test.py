@@ -5,6 +5,7 @@ processes. Needs Debian's python3-torch (compare_torch.py imports torch); runs n
 
 Usage: compare_torch_blas_test.py [PATH/TO/compare_torch.py]
 """
+import ctypes
 import importlib.util
 import os
 import sys
@@ -89,6 +90,36 @@ class Blas(unittest.TestCase):
             with self.assertRaises(SystemExit) as e:
                 ct.main()
         self.assertIn("reference BLAS", str(e.exception.code))
+
+
+class BlasThreads(unittest.TestCase):
+    def test_no_setter_without_a_known_library(self):
+        self.assertIsNone(ct.blas_thread_setter({"library": None, "path": None}))
+        self.assertIsNone(ct.blas_thread_setter({"library": "reference",
+                                                 "path": f"{LIB}/blas/libblas.so.3"}))
+        # A library that does not load gives no setter rather than an error.
+        self.assertIsNone(ct.blas_thread_setter({"library": "OpenBLAS",
+                                                 "path": "/nonexistent/libopenblas.so.0"}))
+
+    def test_openblas_follows_the_setter(self):
+        # On this process's own torch: the setter must change OpenBLAS's thread count, which
+        # torch.set_num_threads does not (the reason the setter exists).
+        blas = ct.torch_blas()
+        if blas["library"] != "OpenBLAS":
+            self.skipTest(f"torch runs on {blas['library']}, not OpenBLAS")
+        lib = ctypes.CDLL(blas["path"])
+        lib.openblas_get_num_threads.restype = ctypes.c_int
+        before = lib.openblas_get_num_threads()
+        setter = ct.blas_thread_setter(blas)
+        self.assertIsNotNone(setter)
+        try:
+            ct.torch.set_num_threads(2)
+            setter(1)
+            self.assertEqual(lib.openblas_get_num_threads(), 1)
+            setter(before)
+            self.assertEqual(lib.openblas_get_num_threads(), before)
+        finally:
+            setter(before)
 
 
 class Cpu(unittest.TestCase):

@@ -168,8 +168,10 @@ TEMPLATE_TEST_CASE("eigen_gram_kernel: D = M·Mᵀ − I within the dot-product 
                    "kernel, every layout", "[eigen_kernels][gram]", float, double) {
   std::mt19937_64 rng(7);
   for (kind k : all_kinds)
-    for (index_t r : {0, 1, 3, 8, 17})
-      for (index_t n : {0, 1, 5, 300, 1200}) {
+    // Ranks that fill whole register blocks (8, 16, 64: B read in place) and ranks that do not
+    // (padded), widths around the packet and block sizes.
+    for (index_t r : {0, 1, 3, 8, 12, 16, 17, 24, 64})
+      for (index_t n : {0, 1, 5, 37, 300, 1200}) {
         check_gram_against_portable<TestType, TestType>(r, n, k, rng);
         if constexpr (std::is_same_v<TestType, float>)
           check_gram_against_portable<float, double>(r, n, k, rng);
@@ -186,7 +188,12 @@ struct adapter_set {
   std::vector<one> items;
 
   adapter_set(std::mt19937_64& rng, double scale) {
-    const index_t shapes[][3] = {{4, 30, 20}, {0, 7, 9}, {8, 300, 1200}, {1, 16, 3}, {12, 64, 64}};
+    // Layouts rotate with the index (A, B, grad A, grad B = kinds v, v+1, v+2, v+3 mod 4), so
+    // that each kernel path meets ranks on and off its register blocks: e.g. {12, 41, 77} has
+    // a row-major B and a padded row-major grad B (B read in place, rank not a whole packet).
+    const index_t shapes[][3] = {{4, 30, 20},  {0, 7, 9},    {8, 300, 1200}, {1, 16, 3},
+                                 {12, 64, 64}, {16, 37, 21}, {24, 19, 45},   {64, 70, 133},
+                                 {3, 10, 40},  {17, 33, 65}, {9, 20, 30},    {12, 41, 77}};
     std::size_t v = 0;
     for (const auto& s : shapes) {
       const index_t r = s[0], in = s[1], out = s[2];

@@ -24,6 +24,30 @@
 namespace adalora::detail::eigen_kernels {
 
 
+/// Eigen's packet (SIMD vector) of T for the target (AVX: 8 floats, 4 doubles; SSE: 4, 2), and
+/// its width, for the register-blocked kernels (eigen_thin_products.hpp, eigen_gram_kernel.hpp).
+template <class T>
+using packet = typename Eigen::internal::packet_traits<T>::type;
+template <class T>
+inline constexpr index_t lanes = Eigen::internal::unpacket_traits<packet<T>>::size;
+
+/// Calls f(std::integral_constant<index_t, G>{}) for G = g, 1 <= g <= Max <= 8: the block sizes
+/// are template arguments, since with run-time sizes g++ keeps the accumulators in memory.
+template <index_t Max, class F>
+void with_size(index_t g, F&& f) {
+  static_assert(Max >= 1 && Max <= 8);
+  switch (std::min(g, Max)) {
+    case 1: f(std::integral_constant<index_t, 1>{}); break;
+    case 2: if constexpr (Max >= 2) f(std::integral_constant<index_t, 2>{}); break;
+    case 3: if constexpr (Max >= 3) f(std::integral_constant<index_t, 3>{}); break;
+    case 4: if constexpr (Max >= 4) f(std::integral_constant<index_t, 4>{}); break;
+    case 5: if constexpr (Max >= 5) f(std::integral_constant<index_t, 5>{}); break;
+    case 6: if constexpr (Max >= 6) f(std::integral_constant<index_t, 6>{}); break;
+    case 7: if constexpr (Max >= 7) f(std::integral_constant<index_t, 7>{}); break;
+    default: if constexpr (Max >= 8) f(std::integral_constant<index_t, 8>{}); break;
+  }
+}
+
 /// A matrix with one unit stride: what Eigen's GEMM reads and writes in place.
 /// Element (i, j) is at data[i * outer + j] (row_major) or data[i + j * outer] (column-major).
 template <class S>

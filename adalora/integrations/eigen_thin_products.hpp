@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "adalora/integrations/eigen_dense.hpp"
 #include "adalora/matrix_view.hpp"
 
 namespace adalora::detail::eigen_thin {
@@ -40,27 +41,9 @@ constexpr index_t row_block(index_t width) noexcept {
   return std::max<index_t>(rows / 4 * 4, 4);
 }
 
-template <class T>
-using packet = typename Eigen::internal::packet_traits<T>::type;
-template <class T>
-inline constexpr index_t lanes = Eigen::internal::unpacket_traits<packet<T>>::size;
-
-/// Calls f(std::integral_constant<index_t, G>{}) for G = g, 1 <= g <= Max <= 8: the block sizes
-/// are template arguments, since with run-time sizes g++ keeps the accumulators in memory.
-template <index_t Max, class F>
-void with_size(index_t g, F&& f) {
-  static_assert(Max >= 1 && Max <= 8);
-  switch (std::min(g, Max)) {
-    case 1: f(std::integral_constant<index_t, 1>{}); break;
-    case 2: if constexpr (Max >= 2) f(std::integral_constant<index_t, 2>{}); break;
-    case 3: if constexpr (Max >= 3) f(std::integral_constant<index_t, 3>{}); break;
-    case 4: if constexpr (Max >= 4) f(std::integral_constant<index_t, 4>{}); break;
-    case 5: if constexpr (Max >= 5) f(std::integral_constant<index_t, 5>{}); break;
-    case 6: if constexpr (Max >= 6) f(std::integral_constant<index_t, 6>{}); break;
-    case 7: if constexpr (Max >= 7) f(std::integral_constant<index_t, 7>{}); break;
-    default: if constexpr (Max >= 8) f(std::integral_constant<index_t, 8>{}); break;
-  }
-}
+using eigen_kernels::lanes;
+using eigen_kernels::packet;
+using eigen_kernels::with_size;
 
 /// h[i · r + j] = scale · Σ_k x_i[k] · w_j[k] for the MI rows x_i = x + i · ldx and the CJ rows
 /// w_j = w + j · ldw, over len.
