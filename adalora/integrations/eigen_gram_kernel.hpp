@@ -13,18 +13,18 @@
 // r = 12, 2.1× at LLaMA r = 8 and 1.55× at LLaMA r = 64 (issue 15). Here every product is one
 // loop nest of register blocks that reads the operands where they lie:
 //   Gram      Bᵀ (any r) and A with r > 16: C += Pᵀ·P over a k-major panel P (column k of M is
-//             row k of P): for Bᵀ that is B itself, read in place; A is transposed into the
-//             panel 8 × 8 values at a time in registers. Blocks from the diagonal's packet on
-//             only: about half the FLOPs of a GEMM.
+//             row k of P): for Bᵀ that is B itself, read in place; A is transposed, 8 × 8
+//             values at a time in registers, into a staged chunk of many panels (stage_budget).
+//             Blocks from the diagonal's packet on only: about half the FLOPs of a GEMM.
 //             A with r <= 16: dot products along A's rows, in place (eigen_thin's dot blocks).
-//   gradient  A:  G += s·D·A, chunks of A's rows copied to a strip (see rows_in_place: 4 KiB
-//                 strides), G updated in place;
+//   gradient  A:  G += s·D·A, chunks of A's columns staged as a strip (see rows_in_place:
+//                 4 KiB strides), G updated in place;
 //             Bᵀ: G_B += s·B·D with the rows of D as packets, B and G_B in place.
 // The blocks hold 8 packet accumulators (4 rows × 2 packets, or 8 rows × 1 packet where the
 // output is one packet wide), the independent FMA chains a core with two FMA pipes of latency
 // 4 needs. C and D live in scratch with the rank padded to whole packets (zeros beyond r), so
 // that no block needs a scalar edge there. (Software prefetch, of the next panel or chunk and
-// of the next factor, was tried and did not measurably help: removed.)
+// of the next factor, was tried and did not measurably help; staging A in long runs did.)
 //
 // Per-call overhead is 0.1–0.3 µs at r = 12 (zeroing C, padding D), under 5% of the smallest
 // DeBERTa factor's time: batching factors of the same shape, which would amortise it, is not
@@ -35,8 +35,8 @@
 // sqrt(n)·ε_f32·||m_i||·||m_j|| (n = columns of M), ~1e-5 for n = 4096 and unit rows: fine for a
 // regularizer, not for measuring tiny deviations. eigen_gram_kernel<float, double> converts M to
 // double while packing (both products then run on packed panels, at half the packet width): the
-// portable kernel's accuracy, at 3.6–3.8× the float kernel's time (DeBERTa r = 12, LLaMA r = 8),
-// still 1.4–1.8× faster than the portable kernel.
+// portable kernel's accuracy, at 3.7–4.7× the float kernel's time (DeBERTa r = 12, LLaMA r = 8),
+// still 1.25–1.9× faster than the portable kernel.
 //
 // Sums: each output of a panel block is a sequential sum over its k (Gram) or j (gradient), one
 // FMA at a time, the Gram's panels added one after another; the dot blocks keep one partial sum
@@ -77,13 +77,28 @@ constexpr index_t panel_depth(index_t rp) noexcept {
   constexpr index_t budget = static_cast<index_t>((32 * 1024) / sizeof(Acc));
   return std::max<index_t>(8, budget / std::max<index_t>(rp, 1) / 8 * 8);
 }
-/// An upper bound of panel_depth(rp) · rp for every padded rank rp <= rp_max, and room for the
-/// gradient's strip of at least 2 packets and a cache line per row.
+/// An upper bound of panel_depth(rp) · rp for every padded rank rp <= rp_max.
 template <class Acc>
 constexpr index_t panel_capacity(index_t rp_max) noexcept {
-  constexpr index_t line = std::max<index_t>(1, static_cast<index_t>(64 / sizeof(Acc)));
-  return std::max<index_t>(static_cast<index_t>((32 * 1024) / sizeof(Acc)),
-                           (std::max<index_t>(8, 2 * lanes<Acc>) + line) * rp_max);
+  return std::max<index_t>(static_cast<index_t>((32 * 1024) / sizeof(Acc)), 8 * rp_max);
+}
+
+/// Values of Acc in the staging area, about 256 KiB (a quarter of an L2 cache). A row-major A is
+/// staged there a chunk of columns at a time, for the Gram (transposed) and the gradient (copied):
+/// each of its rows is then read in runs of KiBs, which the hardware prefetcher follows, where
+/// an L1-sized panel read 64 rows 512 bytes at a time (measured over the whole LLaMA model at
+/// r = 64, from memory: A's gradient 160 → 128 ms).
+template <class Acc>
+inline constexpr index_t stage_budget = static_cast<index_t>((256 * 1024) / sizeof(Acc));
+/// A cache line in values of Acc.
+template <class Acc>
+inline constexpr index_t line = std::max<index_t>(1, static_cast<index_t>(64 / sizeof(Acc)));
+/// The staging area's size for padded ranks up to rp_max: the budget, or what the smallest
+/// chunk (2 packets and 2 lines per row) needs.
+template <class Acc>
+constexpr index_t stage_capacity(index_t rp_max) noexcept {
+  return std::max(std::max(stage_budget<Acc>, panel_capacity<Acc>(rp_max)),
+                  (2 * lanes<Acc> + 2 * line<Acc>) * rp_max);
 }
 
 /// The register block: acc[a][b] = Σ_{l < depth} x[a·x_row + l·x_step] · y[l·y_step + b·L, +L)
@@ -181,7 +196,8 @@ void add_times_d(const Acc* x, index_t ldx, index_t depth, const Acc* d, index_t
             const index_t live = width - (i0 + b * L);
             if (live >= L) {
               ei::pstoreu(ob, ei::pmadd(ps, acc[a][b], ei::ploadu<P>(ob)));
-            } else if (live > 0) {
+            } else if (live > 0) {  // lane by lane: AVX's masked store (vmaskmovps) was
+                                      // measured 1.5× slower for this product on these cores
               alignas(64) Acc lane[L];
               ei::pstoreu(lane, ei::pmul(ps, acc[a][b]));
               for (index_t c = 0; c < live; ++c) ob[c] += lane[c];
@@ -218,8 +234,10 @@ class eigen_gram_kernel {
     const index_t rp = eg::padded_rank<Acc>(max_rank > 0 ? max_rank : 0);
     const auto square = static_cast<std::size_t>(rp * rp);
     const auto panel = static_cast<std::size_t>(eg::panel_capacity<Acc>(rp));
+    const auto stage = static_cast<std::size_t>(eg::stage_capacity<Acc>(rp));
     if (square_.size() < square) square_.resize(square);
     if (panel_.size() < 2 * panel) panel_.resize(2 * panel);
+    if (stage_.size() < stage) stage_.resize(stage);
   }
 
   Acc gram_minus_identity(matrix_view<const T> m, Acc* d) noexcept {
@@ -257,10 +275,14 @@ class eigen_gram_kernel {
         eg::gram_update(as_acc(md.data) + k0 * md.outer, md.outer,
                         std::min(depth, packed_from - k0), r, rp, c);
     }
-    for (index_t k0 = packed_from; k0 < n; k0 += depth) {
-      const index_t kb = std::min(depth, n - k0);
-      pack_k_major(m, k0, kb, rp, panel_.data());
-      eg::gram_update(static_cast<const Acc*>(panel_.data()), rp, kb, r, rp, c);
+    // Packed: a staged chunk of many panels (see stage_budget), the Gram panel by panel.
+    const index_t staged = std::max(depth, eg::stage_budget<Acc> / rp / depth * depth);
+    for (index_t k0 = packed_from; k0 < n; k0 += staged) {
+      const index_t kb = std::min(staged, n - k0);
+      pack_k_major(m, k0, kb, rp, stage_.data());
+      for (index_t p0 = 0; p0 < kb; p0 += depth)
+        eg::gram_update(static_cast<const Acc*>(stage_.data()) + p0 * rp, rp,
+                        std::min(depth, kb - p0), r, rp, c);
     }
     for (index_t i = 0; i < r; ++i)
       for (index_t j = i; j < r; ++j) d[i * r + j] = c[i * rp + j];
@@ -359,13 +381,15 @@ class eigen_gram_kernel {
     const packet_t ps = ei::pset1<packet_t>(scale);
     T* const g = gd.data;
     const index_t ldg = gd.outer;
-    Acc* const strip = panel_.data();
-    // Columns per chunk: a multiple of 2 packets; the strip's rows are a cache line longer
-    // than that, so that they do not share their L1 set either, and all r fit the panel.
-    constexpr index_t line = std::max<index_t>(1, static_cast<index_t>(64 / sizeof(Acc)));
-    const index_t room = eg::panel_capacity<Acc>(rp) / std::max<index_t>(r, 1) - line;
+    Acc* const strip = stage_.data();
+    // Columns per chunk: a multiple of 2 packets, all r rows in the staging area; the strip's
+    // rows are a cache line longer than that, two where one would make them a multiple of
+    // 4 KiB apart, so that they do not share their L1 set either.
+    constexpr index_t line = eg::line<Acc>;
+    const index_t room = eg::stage_capacity<Acc>(rp) / std::max<index_t>(r, 1) - 2 * line;
     const index_t chunk = std::max<index_t>(2 * L, room / (2 * L) * (2 * L));
-    const index_t lds = chunk + line;
+    const index_t lds =
+        chunk + ((chunk + line) * static_cast<index_t>(sizeof(Acc)) % 4096 == 0 ? 2 * line : line);
     const index_t body = n / L * L;
     for (index_t c0 = 0; c0 < body; c0 += chunk) {
       const index_t width = std::min(chunk, body - c0);  // a multiple of L
@@ -473,6 +497,7 @@ class eigen_gram_kernel {
 
   std::vector<Acc> square_;  // C, then the padded D: padded_rank² values
   std::vector<Acc> panel_;   // a packed panel of M, and Q = panel · D: 2 · panel_capacity
+  std::vector<Acc> stage_;   // a staged chunk of A (stage_capacity)
 };
 
 }  // namespace adalora
