@@ -73,14 +73,15 @@ constexpr index_t padded_rank(index_t r) noexcept {
 /// Columns of M per packed panel (depth × padded rank values): about 32 KiB, an L1 data cache,
 /// so that the Gram's register blocks re-read the panel from there. A multiple of 8.
 template <class Acc>
+inline constexpr index_t panel_budget = static_cast<index_t>((32 * 1024) / sizeof(Acc));
+template <class Acc>
 constexpr index_t panel_depth(index_t rp) noexcept {
-  constexpr index_t budget = static_cast<index_t>((32 * 1024) / sizeof(Acc));
-  return std::max<index_t>(8, budget / std::max<index_t>(rp, 1) / 8 * 8);
+  return std::max<index_t>(8, panel_budget<Acc> / std::max<index_t>(rp, 1) / 8 * 8);
 }
 /// An upper bound of panel_depth(rp) · rp for every padded rank rp <= rp_max.
 template <class Acc>
 constexpr index_t panel_capacity(index_t rp_max) noexcept {
-  return std::max<index_t>(static_cast<index_t>((32 * 1024) / sizeof(Acc)), 8 * rp_max);
+  return std::max<index_t>(panel_budget<Acc>, 8 * rp_max);
 }
 
 /// Values of Acc in the staging area, about 256 KiB (a quarter of an L2 cache). A row-major A is

@@ -246,17 +246,23 @@ labelled_set encode_set(const std::vector<const synset*>& items, const vocabular
   return s;
 }
 
+/// read(), its error message naming the Debian package the data comes from.
+template <class Read>
+auto from_package(const char* data, const char* package, Read&& read) {
+  try {
+    return read();
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string(e.what()) + " (" + data +
+                             " comes from the Debian package " + package +
+                             "; scripts/setup.sh installs it)");
+  }
+}
+
 prepared prepare_data(const flags& f) {
   prepared d;
   const auto start = clock_type::now();
-  std::vector<synset> synsets;
-  try {
-    synsets = read_wordnet(f.wordnet);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(std::string(e.what()) +
-                             " (WordNet comes from the Debian package wordnet-base; "
-                             "scripts/setup.sh installs it)");
-  }
+  const std::vector<synset> synsets =
+      from_package("WordNet", "wordnet-base", [&] { return read_wordnet(f.wordnet); });
   d.synsets = std::int64_t(synsets.size());
   std::array<std::vector<const synset*>, 3> parts;
   for (const synset& s : synsets) parts[static_cast<std::size_t>(split_of(s))].push_back(&s);
@@ -269,14 +275,7 @@ prepared prepare_data(const flags& f) {
       const auto w = words(s->gloss);
       filter.add(w);
     }
-  std::string text;
-  try {
-    text = read_gzip(f.gcide);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(std::string(e.what()) +
-                             " (GCIDE comes from the Debian package dict-gcide; "
-                             "scripts/setup.sh installs it)");
-  }
+  std::string text = from_package("GCIDE", "dict-gcide", [&] { return read_gzip(f.gcide); });
   std::vector<std::string> paragraphs = gcide_paragraphs(text);
   text.clear();
   text.shrink_to_fit();
