@@ -17,6 +17,7 @@
 #include "adalora/matrix_view.hpp"
 #include "adalora/orthogonality.hpp"
 #include "adalora/rank_allocator.hpp"
+#include "adalora/rank_change.hpp"
 #include "adalora/rank_pattern.hpp"
 #include "adalora/sharding.hpp"
 #include "adalora/svd_adapter.hpp"

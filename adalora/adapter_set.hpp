@@ -25,6 +25,7 @@
 
 #include "adalora/adapter_shape.hpp"
 #include "adalora/config.hpp"
+#include "adalora/rank_change.hpp"
 #include "adalora/svd_adapter_ref.hpp"
 
 namespace adalora {
@@ -76,6 +77,36 @@ class adapter_set {
     return *this;
   }
 
+  /// Applies a compaction (rank_allocator::compact) to the adapters' parameters and gradients
+  /// where they lie, and views the compacted tensors (same memory, the kept rank; see
+  /// rank_change.hpp for the layouts). The optimizer's state is the caller's: apply the same
+  /// change to it with adalora::compact. All maps are checked before anything moves.
+  void compact(const rank_change& change) {
+    constexpr const char* where = "adapter_set::compact";
+    check_change(change, where);
+    for (const triplet_map& m : change) detail::check_triplet_map(m, true, where);
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      replace_views(a, adalora::compact(params_[a], change[a]), adalora::compact(grads_[a], change[a]));
+    }
+  }
+
+  /// Views other tensors for adapter `a` (after growth into new memory, or a compaction done
+  /// elsewhere): the same adapter, of the rank the views have. Throws std::invalid_argument for
+  /// an index out of range, views whose shapes do not fit together, or other in/out features.
+  void replace(std::size_t a, svd_adapter_ref<T> params, svd_adapter_ref<T> grads) {
+    constexpr const char* where = "adapter_set::replace";
+    ADALORA_REQUIRE(a < shapes_.size(), where, "adapter index must be < ", shapes_.size(), ", got ", a);
+    ADALORA_REQUIRE(detail::holds_whole(shapes_[a]), where, "adapter ", a, " ('", shapes_[a].name, "') is sharded; its rank cannot change");
+    params.check_shapes(where, "params");
+    check_same_shapes(params, grads, where);
+    ADALORA_REQUIRE(params.in_features() == shapes_[a].in_features &&
+                        params.out_features() == shapes_[a].out_features,
+                    where, "adapter ", a, " ('", shapes_[a].name, "') is ", shapes_[a].out_features,
+                    " x ", shapes_[a].in_features, ", got views of ", params.out_features(), " x ",
+                    params.in_features());
+    replace_views(a, params, grads);
+  }
+
   std::size_t size() const noexcept { return shapes_.size(); }
   bool empty() const noexcept { return shapes_.empty(); }
   const std::string& name(std::size_t a) const { return shapes_.at(a).name; }
@@ -91,6 +122,26 @@ class adapter_set {
   std::span<const adapter_tensors<T>> tensors() const noexcept { return tensors_; }
 
  private:
+  void check_change(const rank_change& change, const char* where) const {
+    ADALORA_REQUIRE(change.size() == shapes_.size(), where, "needs one map per adapter, ",
+                    shapes_.size(), ", got ", change.size());
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      ADALORA_REQUIRE(change[a].old_rank == shapes_[a].rank, where, "adapter ", a, " ('",
+                      shapes_[a].name, "'): the map's old rank must be its rank ", shapes_[a].rank,
+                      ", got ", change[a].old_rank);
+      ADALORA_REQUIRE(detail::holds_whole(shapes_[a]), where, "adapter ", a,
+                      " ('", shapes_[a].name, "') is sharded; its rank cannot change");
+    }
+  }
+  void replace_views(std::size_t a, svd_adapter_ref<T> params, svd_adapter_ref<T> grads) noexcept {
+    total_rank_ += params.rank() - shapes_[a].rank;
+    shapes_[a].rank = params.rank();
+    if (shapes_[a].shard.triplet_count != -1) shapes_[a].shard.triplet_count = params.rank();
+    params_[a] = params;
+    grads_[a] = grads;
+    tensors_[a] = {params, grads};
+  }
+
   std::vector<adapter_shape> shapes_;
   std::vector<svd_adapter_ref<T>> params_;
   std::vector<svd_adapter_ref<T>> grads_;

@@ -51,6 +51,17 @@ struct adapter_shape {
 
 namespace detail {
 
+/// True when the shard is the whole adapter ("-1 = to the end" counts included): only such an
+/// adapter's rank can change (rank_change.hpp).
+inline bool holds_whole(const adapter_shape& s) noexcept {
+  const adapter_shard& h = s.shard;
+  const auto whole = [](index_t begin, index_t count, index_t total) {
+    return begin == 0 && (count == -1 || count == total);
+  };
+  return whole(h.triplet_begin, h.triplet_count, s.rank) &&
+         whole(h.in_begin, h.in_count, s.in_features) && whole(h.out_begin, h.out_count, s.out_features);
+}
+
 /// Why these adapters' names cannot key a rank pattern (PEFT's "<name>.lora_E"): "adapter 1 has
 /// an empty name", or "adapters 0 and 2 have the same name 'q'" for the first repeat in adapter
 /// order; "" when they can. The allocator's constructor and read_checkpoint_config refuse what

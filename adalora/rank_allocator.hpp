@@ -29,6 +29,7 @@
 #include "adalora/importance/metric.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
 #include "adalora/matrix_view.hpp"
+#include "adalora/rank_change.hpp"
 #include "adalora/rank_pattern.hpp"
 #include "adalora/svd_adapter_ref.hpp"
 
@@ -79,6 +80,10 @@ struct allocator_options {
   /// Threads that step() uses, the caller's included (>= 1). Results do not depend on it: every
   /// sum is formed in a fixed order whatever thread runs it. Idle threads sleep, never spin.
   unsigned threads = 1;
+  /// For growth (docs/growth.md): the schedule's budget may exceed the adapters' current total
+  /// rank. Such a step keeps every triplet and reports the difference as step_result::missing,
+  /// for a growth policy to add. Off, such a budget is a broken schedule and step() throws.
+  bool rank_can_grow = false;
 };
 
 /// What the step did to E.
@@ -105,6 +110,7 @@ struct step_result {
   std::span<const index_t> kept;    ///< kept triplets per adapter under the current pattern
   index_t kept_total = 0;
   std::int64_t non_finite = 0;      ///< elements with a NaN/infinite parameter or gradient
+  std::int64_t missing = 0;         ///< budget − total rank where the budget is above it (growth)
 };
 
 /// Global top-b rank allocation across adapters (paper Alg. 1; PEFT RankAllocator and
@@ -204,6 +210,7 @@ class rank_allocator {
                         ? " (leave it at budget_from_adapters to have it set)"
                         : " (a schedule with `with_initial_budget(b0)` can have it set)");
 
+    initial_budget_ = b0;
     const auto n = static_cast<std::size_t>(b0);
     state_.assign(pass_.states().size(), T(0));
     scores_.assign(n, 0.0);
@@ -237,9 +244,10 @@ class rank_allocator {
                     " after ", last_step_);
     check_views(adapters);
     const budget_decision decision = schedule_.at(t);
-    ADALORA_REQUIRE(decision.budget >= 0 && decision.budget <= initial_budget(), where,
-                    "the schedule returned budget ", decision.budget, " at step ", t,
-                    "; it must be in [0, ", initial_budget(), "]");
+    ADALORA_REQUIRE(decision.budget >= 0 && (options_.rank_can_grow || decision.budget <= initial_budget()),
+                    where, "the schedule returned budget ", decision.budget, " at step ", t,
+                    "; it must be in [0, ", initial_budget(), "] (its initial budget",
+                    options_.rank_can_grow ? ")" : "; allocator_options::rank_can_grow allows more)");
     const step_plan plan = plan_step(t, decision);
 
     // Policies that must not change anything on bad input look before they touch anything.
@@ -287,7 +295,10 @@ class rank_allocator {
 
   std::span<const adapter_shape> shapes() const noexcept { return shapes_; }
   std::size_t num_adapters() const noexcept { return shapes_.size(); }
-  std::int64_t initial_budget() const noexcept {
+  /// The schedule's initial budget b0: the adapters' total rank at construction.
+  std::int64_t initial_budget() const noexcept { return initial_budget_; }
+  /// The adapters' total rank now: b0 until compact() or change_rank() changes it.
+  std::int64_t total_rank() const noexcept {
     return static_cast<std::int64_t>(pass_.sums().triplets());
   }
   const Schedule& schedule() const noexcept { return schedule_; }
@@ -329,6 +340,88 @@ class rank_allocator {
   }
   /// Zeroes the importance state (PEFT reset_ipt); the pattern is kept.
   void reset_state() noexcept { std::fill(state_.begin(), state_.end(), T(0)); }
+
+  // ---- rank that changes physically (docs/compaction.md, docs/growth.md) ----------------------
+  //
+  // The allocator decides and updates itself; the caller applies the returned rank_change to
+  // every tensor with a triplet axis (parameters, gradients, optimizer state), with
+  // adapter_set::compact or the functions of rank_change.hpp, before the next step() (which
+  // checks the views' shapes). Changes allocate; step() still never does. One process only: a
+  // sharded or multi-process allocator refuses them (every process would have to change its
+  // shards at once, which the communicator cannot order).
+
+  /// True once the pattern cannot change any more: PEFT's force mask at T − tfinal has happened,
+  /// or (loralib) a mask from the frozen importance, which every later mask repeats.
+  bool pattern_final() const {
+    if (options_.final_phase == final_phase_rule::peft) return force_masked_;
+    for (std::int64_t t = std::max<std::int64_t>(schedule_.final_phase_start(), 0); t <= last_step_; ++t)
+      if (schedule_.at(t).mask) return true;
+    return false;
+  }
+
+  /// Drops the pruned triplets, once pattern_final(): the allocator continues with the kept
+  /// ones (its state, scores and mask gathered) and returns, per adapter, the map from kept
+  /// triplet to old index. Exact: every later step does to the kept triplets what it would have
+  /// done to them uncompacted (PEFT re-applies a pattern that now prunes nothing; loralib's
+  /// frozen scores still keep every one of them). Throws std::invalid_argument before the
+  /// pattern is final (a pruned triplet could still come back) and, like change_rank, when
+  /// sharded; the allocator is then unchanged.
+  rank_change compact() {
+    ADALORA_REQUIRE(pattern_final(), "rank_allocator::compact",
+                    "the pattern is not final yet (last step ", last_step_, "; it is from the ",
+                    options_.final_phase == final_phase_rule::peft ? "force mask at step "
+                                                                     : "first mask at or after step ",
+                    schedule_.final_phase_start(), " on): a pruned triplet could still come back");
+    rank_change change;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) change.push_back(triplet_map::keeping(kept_mask(a)));
+    change_rank(change);
+    return change;
+  }
+
+  /// Appends add[a] new triplets to adapter a (kept, with zero importance state and score) and
+  /// returns the change. Only before the final phase: from T − tfinal the pattern is fixed.
+  rank_change grow(std::span<const index_t> add) {
+    constexpr const char* where = "rank_allocator::grow";
+    ADALORA_REQUIRE(add.size() == shapes_.size(), where, "needs one count per adapter, ",
+                    shapes_.size(), ", got ", add.size());
+    rank_change change;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      ADALORA_REQUIRE(add[a] >= 0, where, "adapter ", a, " ('", shapes_[a].name,
+                      "'): the count to add must be >= 0, got ", add[a]);
+      change.push_back(triplet_map::appending(shapes_[a].rank, add[a]));
+    }
+    change_rank(change);
+    return change;
+  }
+
+  /// Any change of rank: adapter a's triplets become change[a] (old ones kept in order, new ones
+  /// appended with zero state and score, kept by the pattern). Dropping a triplet that the
+  /// pattern keeps, or before the pattern is final, departs from AdaLoRA (that triplet could have
+  /// mattered or come back): that is growth's business (docs/growth.md). All-or-nothing: throws
+  /// std::invalid_argument for maps that do not fit the adapters, for new triplets from the final
+  /// phase on, or for a sharded or multi-process allocator, and leaves the allocator unchanged.
+  void change_rank(const rank_change& change) {
+    constexpr const char* where = "rank_allocator::change_rank";
+    ADALORA_REQUIRE((std::is_same_v<Comm, single_process>), where,
+                    "the rank of a multi-process allocator cannot change: every process would "
+                    "have to change its shards at once (docs/scale_out.md)");
+    ADALORA_REQUIRE(change.size() == shapes_.size(), where, "needs one map per adapter, ",
+                    shapes_.size(), ", got ", change.size());
+    bool adds = false;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      const adapter_shape& s = shapes_[a];
+      ADALORA_REQUIRE(detail::holds_whole(s), where, "adapter ", a, " ('", s.name, "') is sharded; a sharded adapter's "
+                      "rank cannot change (docs/scale_out.md)");
+      ADALORA_REQUIRE(change[a].old_rank == s.rank, where, "adapter ", a, " ('", s.name,
+                      "'): the map's old rank must be its rank ", s.rank, ", got ", change[a].old_rank);
+      detail::check_triplet_map(change[a], false, where);
+      adds = adds || change[a].added() > 0;
+    }
+    ADALORA_REQUIRE(!adds || last_step_ + 1 < schedule_.final_phase_start(), where,
+                    "no triplet can be added from the final phase on (step ",
+                    schedule_.final_phase_start(), "): the pattern is fixed there");
+    rebuild(change);
+  }
 
   // ---- resuming (checkpoints) ------------------------------------------------------------------
 
@@ -412,6 +505,7 @@ class rank_allocator {
     r.threshold = 0;
     r.prune_count = 0;
     r.non_finite = non_finite;
+    r.missing = 0;
     last_step_ = t;
     return r;
   }
@@ -457,7 +551,11 @@ class rank_allocator {
   /// The threshold over the triplet scores (ties as options_.ties says) and the kept mask.
   void select_threshold(std::int64_t budget) {
     const std::size_t n = scores_.size();
-    const auto k = static_cast<std::size_t>(initial_budget() - budget);
+    // Triplets above the budget are pruned; none where the rank is at or below it (after
+    // compaction, or while a rising budget waits for growth).
+    const std::int64_t over = total_rank() - budget;
+    result_.missing = over < 0 ? -over : 0;
+    const auto k = static_cast<std::size_t>(over > 0 ? over : 0);
     step_result<T>& r = result_;
     r.prune_count = static_cast<std::int64_t>(k);
     if (k == 0) {
@@ -575,6 +673,81 @@ class rank_allocator {
     }
   }
 
+  /// Lays the allocator out for the ranks of `change` and gathers what it keeps per triplet.
+  /// Everything is built aside first, so a throw (memory, threads) leaves it unchanged.
+  void rebuild(const rank_change& change) {
+    constexpr const char* where = "rank_allocator::change_rank";
+    std::vector<adapter_shape> shapes = shapes_;
+    pass_type pass;
+    for (std::size_t a = 0; a < shapes.size(); ++a) {
+      adapter_shape& s = shapes[a];
+      s.rank = change[a].new_rank();
+      s.shard.triplet_count = s.rank;
+      ADALORA_REQUIRE(pass.add(s), where, "adapter ", a, " ('", s.name,
+                      "'): the allocator's size for rank ", s.rank, " does not fit in memory");
+    }
+    const std::size_t n = pass.sums().triplets();
+    std::vector<T> state(pass.states().size(), T(0));
+    std::vector<double> scores(n, 0.0);
+    std::vector<std::uint8_t> kept(n, 1);
+    for (std::size_t a = 0; a < shapes.size(); ++a) {
+      const triplet_map& m = change[a];
+      const auto K = static_cast<std::size_t>(Metric::state_size);
+      const auto in = static_cast<std::size_t>(shapes[a].in_features);
+      const auto out = static_cast<std::size_t>(shapes[a].out_features);
+      auto gather_state = [&](tensor_role role, std::size_t outer, std::size_t group) {
+        gather_groups<T>(std::span<const T>(state_).subspan(pass_.states().begin(a, role)),
+                         std::span<T>(state).subspan(pass.states().begin(a, role)), outer, m, group,
+                         T(0));
+      };
+      gather_state(tensor_role::A, 1, in * K);
+      gather_state(tensor_role::E, 1, K);
+      gather_state(tensor_role::B, out, K);
+      gather_groups<double>(std::span<const double>(scores_).subspan(first_triplet(a)),
+                            std::span<double>(scores).subspan(pass.sums().first_triplet(a)), 1, m,
+                            1, 0.0);
+      gather_groups<std::uint8_t>(std::span<const std::uint8_t>(kept_mask_).subspan(first_triplet(a)),
+                                  std::span<std::uint8_t>(kept).subspan(pass.sums().first_triplet(a)),
+                                  1, m, 1, std::uint8_t{1});
+    }
+    std::vector<double> select(n, 0.0);
+    std::vector<std::size_t> order(options_.ties == tie_policy::exact_budget ? n : 0, 0);
+    pass.finish(options_.threads, where);
+    // Nothing below throws.
+    shapes_ = std::move(shapes);
+    pass_ = std::move(pass);
+    state_ = std::move(state);
+    scores_ = std::move(scores);
+    kept_mask_ = std::move(kept);
+    select_ = std::move(select);
+    order_ = std::move(order);
+    index_t total = 0;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      const auto m = kept_mask(a);
+      kept_[a] = static_cast<index_t>(std::count(m.begin(), m.end(), std::uint8_t{1}));
+      total += kept_[a];
+    }
+    result_.kept = kept_;
+    result_.kept_total = total;
+  }
+
+  /// Per-triplet groups of `group` values, `outer` times over: to's triplet i of each outer
+  /// index is from's triplet m.source[i], or `fill` for a new one.
+  template <class V>
+  static void gather_groups(std::span<const V> from, std::span<V> to, std::size_t outer,
+                            const triplet_map& m, std::size_t group, V fill) {
+    const auto r0 = static_cast<std::size_t>(m.old_rank), r1 = static_cast<std::size_t>(m.new_rank());
+    for (std::size_t o = 0; o < outer; ++o)
+      for (std::size_t i = 0; i < r1; ++i) {
+        V* d = to.data() + (o * r1 + i) * group;
+        const index_t s = m.source[i];
+        if (s == new_triplet)
+          std::fill(d, d + group, fill);
+        else
+          std::copy_n(from.data() + (o * r0 + static_cast<std::size_t>(s)) * group, group, d);
+      }
+  }
+
   /// E_i = 0 where the current pattern prunes triplet i (for the E entries this process holds);
   /// recounts kept per adapter (over all its triplets: every process knows the whole pattern).
   void apply_pattern(std::span<const adapter_tensors<T>> adapters) {
@@ -608,6 +781,7 @@ class rank_allocator {
   std::vector<index_t> kept_;                // per adapter
   char describe_buffer_[256] = {};
   step_result<T> result_;
+  std::int64_t initial_budget_ = 0;
   std::int64_t last_step_ = -1;
   bool force_masked_ = false;
 };

@@ -33,6 +33,7 @@
 
 #include "adalora/config.hpp"
 #include "adalora/matrix_view.hpp"
+#include "adalora/rank_change.hpp"
 #include "adalora/svd_adapter_ref.hpp"
 
 namespace adalora {
@@ -605,6 +606,46 @@ class svd_adapter {
     *this = resized(keep);
   }
 
+  /// Applies a change of rank (rank_allocator::compact, ::grow; rank_change.hpp) to the
+  /// parameters and gradients; new triplets start at zero (initialise them with a growth init
+  /// policy). Dropping triplets happens in place, so views taken before stay valid at the new
+  /// rank's extents; growth keeps the memory too while the rank fits reserve_rank(). r_init
+  /// (the scale) never changes, so the output equals the masked adapter's.
+  void change_rank(const triplet_map& m) {
+    constexpr const char* where = "svd_adapter::change_rank";
+    detail::check_triplet_map(m, false, where);
+    ADALORA_REQUIRE(m.old_rank == r_, where, "the map's old rank must be the adapter's rank ", r_,
+                    ", got ", m.old_rank);
+    if (m.added() == 0) {
+      compact(params(), m);
+      compact(grads(), m);
+      set_rank(m.new_rank());
+      return;
+    }
+    svd_adapter grown(in_, out_, m.new_rank(), scale_);
+    remap(params_c(), m, grown.params());
+    remap(svd_adapter_ref<const T>(grads()), m, grown.grads());
+    set_rank(m.new_rank());
+    std::copy(grown.A_.begin(), grown.A_.end(), A_.begin());
+    std::copy(grown.E_.begin(), grown.E_.end(), E_.begin());
+    std::copy(grown.B_.begin(), grown.B_.end(), B_.begin());
+    std::copy(grown.dA_.begin(), grown.dA_.end(), dA_.begin());
+    std::copy(grown.dE_.begin(), grown.dE_.end(), dE_.begin());
+    std::copy(grown.dB_.begin(), grown.dB_.end(), dB_.begin());
+  }
+
+  /// Reserves memory for rank `capacity`, so that growth up to it keeps the tensors where they
+  /// are (and the views an adapter_set holds of them valid, at the old extents).
+  void reserve_rank(index_t capacity) {
+    ADALORA_REQUIRE(capacity >= 0 && (capacity == 0 || std::max(in_, out_) < (index_t{1} << 40) / capacity),
+                    "svd_adapter::reserve_rank", "capacity must be >= 0 and its tensors must fit, got ",
+                    capacity);
+    const auto c = static_cast<std::size_t>(capacity);
+    for (std::vector<T>* v : {&A_, &dA_}) v->reserve(c * static_cast<std::size_t>(in_));
+    for (std::vector<T>* v : {&E_, &dE_}) v->reserve(c);
+    for (std::vector<T>* v : {&B_, &dB_}) v->reserve(c * static_cast<std::size_t>(out_));
+  }
+
  private:
   svd_adapter_ref<T> make_ref(std::vector<T>& a, std::vector<T>& e, std::vector<T>& b) noexcept {
     return {matrix_view<T>(a.data(), r_, in_, in_, 1), vector_view<T>(e.data(), r_),
@@ -616,6 +657,14 @@ class svd_adapter {
             matrix_view<const T>(b.data(), out_, r_, r_, 1)};
   }
   svd_adapter_ref<const T> params_c() const noexcept { return params(); }
+
+  void set_rank(index_t r) {
+    const auto n = static_cast<std::size_t>(r);
+    for (std::vector<T>* v : {&A_, &dA_}) v->resize(n * static_cast<std::size_t>(in_), T(0));
+    for (std::vector<T>* v : {&E_, &dE_}) v->resize(n, T(0));
+    for (std::vector<T>* v : {&B_, &dB_}) v->resize(n * static_cast<std::size_t>(out_), T(0));
+    r_ = r;
+  }
 
   index_t in_;
   index_t out_;
