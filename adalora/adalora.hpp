@@ -10,6 +10,8 @@
 #include "adalora/budget_schedule.hpp"
 #include "adalora/communicator.hpp"
 #include "adalora/config.hpp"
+#include "adalora/growth.hpp"
+#include "adalora/growth_schedule.hpp"
 #include "adalora/importance/magnitude.hpp"
 #include "adalora/importance/metric.hpp"
 #include "adalora/importance/sensitivity.hpp"

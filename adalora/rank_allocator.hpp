@@ -110,7 +110,8 @@ struct step_result {
   std::span<const index_t> kept;    ///< kept triplets per adapter under the current pattern
   index_t kept_total = 0;
   std::int64_t non_finite = 0;      ///< elements with a NaN/infinite parameter or gradient
-  std::int64_t missing = 0;         ///< budget − total rank where the budget is above it (growth)
+  std::int64_t missing = 0;         ///< before the final phase: budget − total rank where the
+                                    ///< budget is above it (for growth to add)
 };
 
 /// Global top-b rank allocation across adapters (paper Alg. 1; PEFT RankAllocator and
@@ -211,6 +212,7 @@ class rank_allocator {
                         : " (a schedule with `with_initial_budget(b0)` can have it set)");
 
     initial_budget_ = b0;
+    for (const adapter_shape& s : shapes_) initial_ranks_.push_back(s.rank);
     const auto n = static_cast<std::size_t>(b0);
     state_.assign(pass_.states().size(), T(0));
     scores_.assign(n, 0.0);
@@ -297,6 +299,9 @@ class rank_allocator {
   std::size_t num_adapters() const noexcept { return shapes_.size(); }
   /// The schedule's initial budget b0: the adapters' total rank at construction.
   std::int64_t initial_budget() const noexcept { return initial_budget_; }
+  /// The adapters' ranks at construction (they add up to initial_budget()); shapes() has the
+  /// ranks now. Checkpoints keep both, to rebuild this allocator and reshape it.
+  std::span<const index_t> initial_ranks() const noexcept { return initial_ranks_; }
   /// The adapters' total rank now: b0 until compact() or change_rank() changes it.
   std::int64_t total_rank() const noexcept {
     return static_cast<std::int64_t>(pass_.sums().triplets());
@@ -460,14 +465,7 @@ class rank_allocator {
     last_step_ = s.last_step;
     force_masked_ = s.force_masked;
     result_ = *s.last;
-    index_t total = 0;
-    for (std::size_t a = 0; a < shapes_.size(); ++a) {
-      const auto m = kept_mask(a);
-      kept_[a] = static_cast<index_t>(std::count(m.begin(), m.end(), std::uint8_t{1}));
-      total += kept_[a];
-    }
-    result_.kept = kept_;
-    result_.kept_total = total;
+    recount_kept();
   }
 
  private:
@@ -505,7 +503,8 @@ class rank_allocator {
     r.threshold = 0;
     r.prune_count = 0;
     r.non_finite = non_finite;
-    r.missing = 0;
+    // Rank can only be added before the final phase, so only there is any missing.
+    r.missing = t < schedule_.final_phase_start() ? std::max<std::int64_t>(0, decision.budget - total_rank()) : 0;
     last_step_ = t;
     return r;
   }
@@ -554,7 +553,6 @@ class rank_allocator {
     // Triplets above the budget are pruned; none where the rank is at or below it (after
     // compaction, or while a rising budget waits for growth).
     const std::int64_t over = total_rank() - budget;
-    result_.missing = over < 0 ? -over : 0;
     const auto k = static_cast<std::size_t>(over > 0 ? over : 0);
     step_result<T>& r = result_;
     r.prune_count = static_cast<std::int64_t>(k);
@@ -673,6 +671,18 @@ class rank_allocator {
     }
   }
 
+  /// The kept counts per adapter and in all, from the mask (after a restore or a rank change).
+  void recount_kept() noexcept {
+    index_t total = 0;
+    for (std::size_t a = 0; a < shapes_.size(); ++a) {
+      const auto m = kept_mask(a);
+      kept_[a] = static_cast<index_t>(std::count(m.begin(), m.end(), std::uint8_t{1}));
+      total += kept_[a];
+    }
+    result_.kept = kept_;
+    result_.kept_total = total;
+  }
+
   /// Lays the allocator out for the ranks of `change` and gathers what it keeps per triplet.
   /// Everything is built aside first, so a throw (memory, threads) leaves it unchanged.
   void rebuild(const rank_change& change) {
@@ -721,14 +731,7 @@ class rank_allocator {
     kept_mask_ = std::move(kept);
     select_ = std::move(select);
     order_ = std::move(order);
-    index_t total = 0;
-    for (std::size_t a = 0; a < shapes_.size(); ++a) {
-      const auto m = kept_mask(a);
-      kept_[a] = static_cast<index_t>(std::count(m.begin(), m.end(), std::uint8_t{1}));
-      total += kept_[a];
-    }
-    result_.kept = kept_;
-    result_.kept_total = total;
+    recount_kept();
   }
 
   /// Per-triplet groups of `group` values, `outer` times over: to's triplet i of each outer
@@ -782,6 +785,7 @@ class rank_allocator {
   char describe_buffer_[256] = {};
   step_result<T> result_;
   std::int64_t initial_budget_ = 0;
+  std::vector<index_t> initial_ranks_;       // per adapter, at construction
   std::int64_t last_step_ = -1;
   bool force_masked_ = false;
 };

@@ -43,6 +43,8 @@ struct triplet_map {
   /// True when nothing moves: every old triplet stays where it was and none is added.
   bool identity() const noexcept { return new_rank() == old_rank && added() == 0; }
 
+  friend bool operator==(const triplet_map&, const triplet_map&) = default;
+
   /// The map that keeps the triplets where `keep` is true (keep.size() = old rank).
   template <class Mask>
   static triplet_map keeping(const Mask& keep) {

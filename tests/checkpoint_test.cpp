@@ -31,6 +31,7 @@
 #include "adalora/importance/sensitivity.hpp"
 #include "adalora/io/checkpoint.hpp"
 #include "adalora/rank_allocator.hpp"
+#include "tests/checkpoint_run.hpp"
 
 namespace {
 
@@ -38,39 +39,7 @@ using adalora::index_t;
 using bytes_t = std::vector<std::uint8_t>;
 using kind = adalora::checkpoint_error::kind;
 
-// The run every test uses: four adapters (one of rank 0), b0 = 11 -> bT = 5, T = 30, tinit = 5,
-// tfinal = 7, delta_t = 3. Phases: warm-up t <= 5, reduction 5 < t <= 23 (masks at multiples of
-// 3), final t > 23. T - tfinal = 23 is not a multiple of 3, so PEFT force-masks there and
-// loralib does not: the two semantics differ at that step.
-const std::vector<adalora::adapter_shape> run_shapes = {
-    {"layers.0.q", 6, 5, 4}, {"layers.0.v", 3, 7, 4}, {"layers.1.q", 5, 4, 3}, {"layers.1.v", 4, 4, 0}};
-constexpr std::int64_t total_steps = 32;  // runs past T into the final phase
-const adalora::schedule_options run_schedule = {.initial_budget = 11, .target_budget = 5,
-                                                .total_step = 30, .tinit = 5, .tfinal = 7,
-                                                .delta_t = 3};
-
-template <class T>
-using allocator_t = adalora::rank_allocator<T>;
-
-template <class T>
-allocator_t<T> make_allocator(adalora::allocator_options o = {}, unsigned threads = 1) {
-  o.threads = threads;
-  return allocator_t<T>(run_shapes, adalora::cubic_schedule(run_schedule),
-                        adalora::smoothed_sensitivity({.beta1 = 0.85, .beta2 = 0.85}), o);
-}
-
-/// A deterministic value in [-0.5, 0.5) from a few integers (splitmix64), so that gradients are
-/// a pure function of (step, adapter, tensor, index) and need no generator state to resume.
-double noise(std::uint64_t a, std::uint64_t b, std::uint64_t c, std::uint64_t d) {
-  std::uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) * 0xBF58476D1CE4E5B9ull ^
-                    (c + 1) * 0x94D049BB133111EBull ^ (d + 7) * 0xD6E8FEB86659FD93ull;
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9ull;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBull;
-  x ^= x >> 31;
-  return static_cast<double>(x >> 11) / static_cast<double>(std::uint64_t{1} << 53) - 0.5;
-}
+using namespace checkpoint_run;
 
 /// The user's side of the run: parameters and gradients of every adapter, SGD on them.
 template <class T>
@@ -316,7 +285,7 @@ TEST_CASE("a checkpoint is little-endian with the documented header", "[checkpoi
   stepped<float> s(13);
   const bytes_t b = adalora::checkpoint_bytes(s.alloc);
   REQUIRE(std::string(b.begin(), b.begin() + 8) == "ADALCKPT");
-  REQUIRE(b[8] == 1);  // version 1, little-endian u32
+  REQUIRE(b[8] == 2);  // version 2, little-endian u32
   REQUIRE((b[9] | b[10] | b[11]) == 0);
   REQUIRE((b[12] | b[13] | b[14] | b[15]) == 0);  // flags
   std::uint64_t payload = 0;
@@ -380,9 +349,9 @@ TEST_CASE("damaged checkpoints are refused with what is wrong; the allocator is 
   }
   SECTION("from a newer version, or with unknown flags") {
     bytes_t b = good;
-    b[8] = 2;
+    b[8] = 3;
     adalora::detail::ckpt::seal(b);  // so that the edit reaches the checks behind the checksums
-    REQUIRE_THROWS_WITH(load(b), Catch::Contains("format version 2, newer than this adalora reads (1)"));
+    REQUIRE_THROWS_WITH(load(b), Catch::Contains("format version 3, newer than this adalora reads (2)"));
     REQUIRE(kind_of(b) == kind::unsupported_version);
     b = good;
     b[12] = 4;

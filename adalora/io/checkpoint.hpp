@@ -2,11 +2,18 @@
 // Checkpoints of a rank allocator: save everything it needs to continue, load it back, and resume
 // bit for bit where the run stopped.
 //
-// What is saved: the element type; the adapters (names and shapes); the schedule and the metric
-// (a type tag and their options, through checkpoint_traits); the allocator options; and the
-// allocator's resumable state (rank_allocator::resumable(): last step, PEFT's final-phase flag,
-// the metric state of every element, the kept mask, the triplet scores and the last step's
-// result). The user's tensors are not: they belong to the training loop's own checkpoint.
+// What is saved: the element type; the adapters (names, shapes, their rank now and at
+// construction); the schedule and the metric (a type tag and their options, through
+// checkpoint_traits); the allocator options; and the allocator's resumable state
+// (rank_allocator::resumable(): last step, PEFT's final-phase flag, the metric state of every
+// element, the kept mask, the triplet scores and the last step's result), all at the ranks now.
+// The user's tensors are not: they belong to the training loop's own checkpoint.
+//
+// Rank that changed (rank_allocator::compact, grow, change_rank): the checkpoint keeps the ranks
+// at construction, which the schedule's initial budget is the sum of, so that the allocator is
+// rebuilt with its original arguments (read_checkpoint_config returns them); loading reshapes it
+// to the saved ranks (change_rank) before restoring its state, and the run resumes bit for bit.
+// A sharded or multi-process allocator cannot change rank, and so refuses such a checkpoint.
 //
 // The format (docs/checkpoint_format.md has the byte-by-byte table): a fixed 32-byte header
 //   magic "ADALCKPT", u32 version, u32 flags (0), u64 payload size, u32 CRC-32 of the payload,
@@ -33,10 +40,13 @@
 //    file's bytes back (checkpoint_limits): a few hundred bytes cannot ask for gigabytes.
 //  * errors are checkpoint_error with the function and the file in front, also when memory runs
 //    out (std::bad_alloc) or a size is beyond what a vector holds (std::length_error).
-//  * the element type, the adapters' names and shapes, the schedule and metric (tag and options)
-//    and the allocator options (final_phase, tie_policy, non_finite_policy) must match the
-//    allocator's; `threads` may differ (results do not depend on it), so a run may resume on a
-//    machine with another number of cores.
+//  * the element type, the adapters' names, shapes and ranks at construction, the schedule and
+//    metric (tag and options) and the allocator options (final_phase, tie_policy,
+//    non_finite_policy, rank_can_grow) must match the allocator's; `threads` may differ (results
+//    do not depend on it), so a run may resume on a machine with another number of cores. The
+//    ranks now may differ from the allocator's (it is reshaped), up to full rank
+//    min(in_features, out_features) or the larger of its ranks now and at construction.
+//  * version 1 checkpoints (before rank could change) load as before.
 //
 // Custom schedules and metrics: specialise adalora::checkpoint_traits (see below). A metric's
 // own mutable members (anything a begin_step() changes) are not saved: traits encode options
@@ -64,16 +74,20 @@
 
 #include "adalora/budget_schedule.hpp"
 #include "adalora/config.hpp"
+#include "adalora/growth_schedule.hpp"
 #include "adalora/importance/magnitude.hpp"
 #include "adalora/importance/sensitivity.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
 #include "adalora/io/file_io.hpp"
 #include "adalora/rank_allocator.hpp"
+#include "adalora/rank_change.hpp"
 
 namespace adalora {
 
-/// The format version this library writes, and the newest it reads.
-inline constexpr std::uint32_t checkpoint_format_version = 1;
+/// The format version this library writes, and the newest it reads. Version 2 added the ranks
+/// at construction, allocator_options::rank_can_grow and step_result::missing; version 1 files
+/// still load (docs/checkpoint_format.md).
+inline constexpr std::uint32_t checkpoint_format_version = 2;
 
 /// Why a checkpoint could not be saved or loaded. what() names the function, the file (or
 /// "bytes"/"stream") and what is wrong; error_kind() says which class of problem it is.
@@ -292,6 +306,35 @@ template <>
 struct checkpoint_traits<constant_schedule> : detail::builtin_schedule_traits<constant_schedule> {
   static constexpr std::string_view tag = "constant_schedule";
 };
+template <>
+struct checkpoint_traits<rising_schedule> : detail::builtin_schedule_traits<rising_schedule> {
+  static constexpr std::string_view tag = "rising_schedule";
+};
+/// Stored like the others (its target budget is its initial budget); built from its own options.
+template <>
+struct checkpoint_traits<constant_total_schedule> {
+  static constexpr std::string_view tag = "constant_total_schedule";
+  static void encode(const constant_total_schedule& s, checkpoint_writer& w) {
+    detail::builtin_schedule_traits<constant_total_schedule>::encode(s, w);
+  }
+  static constant_total_schedule decode(checkpoint_reader& r) {
+    constant_total_options o{};
+    o.initial_budget = r.i64("initial_budget");
+    const std::int64_t target = r.i64("target_budget");
+    o.total_step = r.i64("total_step");
+    o.tinit = r.i64("tinit");
+    o.tfinal = r.i64("tfinal");
+    o.delta_t = r.i64("delta_t");
+    if (target != o.initial_budget)
+      throw std::invalid_argument(detail::concat(
+          "adalora::constant_total_schedule: target_budget must equal initial_budget = ",
+          o.initial_budget, ", got ", target));
+    return constant_total_schedule(o);  // validates
+  }
+  static std::string describe(const constant_total_schedule& s) {
+    return detail::builtin_schedule_traits<constant_total_schedule>::describe(s);
+  }
+};
 
 template <>
 struct checkpoint_traits<smoothed_sensitivity> {
@@ -358,7 +401,8 @@ inline std::uint32_t crc32(std::span<const std::uint8_t> bytes) noexcept {
 template <class T>
 struct image {
   std::string writer;  // "adalora <version>", informational
-  std::vector<adapter_shape> shapes;
+  std::vector<adapter_shape> shapes;  // ranks (and whole adapters' triplet counts) now
+  std::vector<index_t> initial_ranks;  // per adapter, at construction (version 1: the ranks)
   std::string schedule_tag;
   std::vector<std::uint8_t> schedule_options;
   std::string metric_tag;
@@ -372,6 +416,13 @@ struct image {
   std::vector<double> scores;
   step_result<T> last;  // its kept span is left empty; restore() recomputes it
 };
+
+/// Adapter a's rank at construction; an image whose initial_ranks stop short (one edited by hand
+/// in a test) has its rank now there.
+template <class T>
+index_t initial_rank(const image<T>& im, std::size_t a) {
+  return a < im.initial_ranks.size() ? im.initial_ranks[a] : im.shapes[a].rank;
+}
 
 template <class T>
 constexpr std::uint8_t element_code = sizeof(T);  // 4: IEEE binary32, 8: IEEE binary64
@@ -398,11 +449,13 @@ void encode_payload(const image<T>& im, checkpoint_writer& w) {
   w.u8(element_code<T>);
   w.str(im.writer);
   w.u32(static_cast<std::uint32_t>(im.shapes.size()));
-  for (const adapter_shape& s : im.shapes) {
+  for (std::size_t a = 0; a < im.shapes.size(); ++a) {
+    const adapter_shape& s = im.shapes[a];
     w.str(s.name);
     w.i64(s.in_features);
     w.i64(s.out_features);
     w.i64(s.rank);
+    w.i64(initial_rank(im, a));
     // The slice this process holds (sharded training; the whole adapter otherwise), as the
     // allocator resolved it: each process saves and resumes its own slice.
     const adapter_shard& h = s.shard;
@@ -420,6 +473,7 @@ void encode_payload(const image<T>& im, checkpoint_writer& w) {
   w.u8(static_cast<std::uint8_t>(im.options.final_phase));
   w.u8(static_cast<std::uint8_t>(im.options.ties));
   w.u8(static_cast<std::uint8_t>(im.options.non_finite));
+  w.u8(im.options.rank_can_grow ? 1 : 0);
   w.u32(im.options.threads);
   w.i64(im.last_step);
   w.u8(im.force_masked ? 1 : 0);
@@ -442,6 +496,7 @@ void encode_payload(const image<T>& im, checkpoint_writer& w) {
   w.f64(r.threshold);
   w.i64(r.prune_count);
   w.i64(r.non_finite);
+  w.i64(r.missing);
 }
 
 /// Fills in the payload size and both checksums of a whole checkpoint (header + payload).
@@ -477,8 +532,14 @@ template <class... Parts>
   throw checkpoint_error(k, concat(parts...));
 }
 
+/// A payload whose header and checksums passed, and its format version.
+struct verified {
+  std::uint32_t version;
+  std::span<const std::uint8_t> payload;
+};
+
 /// Checks the header and both checksums and returns the payload. Knows nothing of T.
-inline std::span<const std::uint8_t> verified_payload(std::span<const std::uint8_t> bytes) {
+inline verified verified_payload(std::span<const std::uint8_t> bytes) {
   using k = checkpoint_error::kind;
   if (bytes.empty()) fail(k::truncated, "it is empty (0 bytes)");
   const std::size_t m = std::min(bytes.size(), magic.size());
@@ -517,13 +578,13 @@ inline std::span<const std::uint8_t> verified_payload(std::span<const std::uint8
   if (const std::uint32_t c = crc32(payload); c != payload_crc)
     fail(k::corrupt, "it is corrupt (payload checksum 0x", std::hex, payload_crc, " stored, 0x", c,
          " computed)");
-  return payload;
+  return {version, payload};
 }
 
 /// Parses a verified payload and checks that it is consistent in itself (counts add up, values
 /// in range). Every count is checked against the bytes left before anything is allocated.
 template <class T>
-image<T> parse_payload(std::span<const std::uint8_t> payload) {
+image<T> parse_payload(std::span<const std::uint8_t> payload, std::uint32_t version) {
   using k = checkpoint_error::kind;
   checkpoint_reader r(payload);
   image<T> im;
@@ -536,10 +597,12 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
 
   const std::uint32_t n = r.u32("adapter count");
   if (n == 0) r.fail("adapter count must be >= 1, got 0");
-  if (n > r.remaining() / 77)  // each adapter takes at least 77 bytes
+  const std::size_t adapter_bytes = version == 1 ? 77 : 85;  // at least, each
+  if (n > r.remaining() / adapter_bytes)
     r.fail("adapter count ", n, " does not fit in the ", r.remaining(), " bytes left");
   im.shapes.reserve(n);
-  std::uint64_t elements = 0, triplets = 0;
+  im.initial_ranks.reserve(n);
+  std::uint64_t elements = 0, triplets = 0, initial_triplets = 0;
   for (std::uint32_t a = 0; a < n; ++a) {
     adapter_shape s;
     s.name = r.str("adapter name", max_name);
@@ -549,6 +612,9 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
     if (s.in_features < 1 || s.out_features < 1 || s.rank < 0)
       r.fail("adapter ", a, " ('", s.name, "') has in_features ", s.in_features, ", out_features ",
              s.out_features, ", rank ", s.rank, "; they must be >= 1, >= 1, >= 0");
+    const index_t initial = version == 1 ? s.rank : r.i64("initial rank");
+    if (initial < 0)
+      r.fail("adapter ", a, " ('", s.name, "') has initial rank ", initial, "; it must be >= 0");
     adapter_shard& h = s.shard;
     h.triplet_begin = r.i64("shard triplet_begin");
     h.triplet_count = r.i64("shard triplet_count");
@@ -578,7 +644,26 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
         checked_mad(1, in, checked_mad(1, out, 1, r, "an adapter's size"), r, "an adapter's size");
     elements = checked_mad(rk, per_triplet, elements, r, "the adapters' element count");
     triplets = checked_mad(1, static_cast<std::uint64_t>(s.rank), triplets, r, "the adapters' rank sum");
+    initial_triplets = checked_mad(1, static_cast<std::uint64_t>(initial), initial_triplets, r,
+                                   "the adapters' initial rank sum");
     im.shapes.push_back(std::move(s));
+    im.initial_ranks.push_back(initial);
+  }
+  // rank_allocator::change_rank changes no rank while any adapter is sharded.
+  const auto changed = [&](std::size_t a) { return im.initial_ranks[a] != im.shapes[a].rank; };
+  for (std::size_t c = 0; c < n; ++c) {
+    if (!changed(c)) continue;
+    for (std::size_t a = 0; a < n; ++a) {
+      if (detail::holds_whole(im.shapes[a])) continue;
+      const adapter_shape& s = im.shapes[c];
+      if (a == c)
+        r.fail("adapter ", a, " ('", s.name, "') is sharded but has rank ", s.rank,
+               " and initial rank ", im.initial_ranks[c], "; a sharded adapter's rank cannot change");
+      r.fail("adapter ", c, " ('", s.name, "') has rank ", s.rank, " and initial rank ", im.initial_ranks[c],
+             ", but adapter ", a, " ('", im.shapes[a].name, "') is sharded; a sharded allocator's rank "
+             "cannot change");
+    }
+    break;
   }
 
   im.schedule_tag = r.str("schedule tag", max_tag);
@@ -606,6 +691,7 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
   im.options.final_phase = static_cast<final_phase_rule>(semantics);
   im.options.ties = static_cast<tie_policy>(ties);
   im.options.non_finite = static_cast<non_finite_policy>(non_finite);
+  im.options.rank_can_grow = version == 1 ? false : r.flag("rank_can_grow");
   im.options.threads = r.u32("threads");
   if (im.options.threads < 1 || im.options.threads > max_threads)
     r.fail("threads must be in [1, ", max_threads, "], got ", im.options.threads);
@@ -660,13 +746,20 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
   l.threshold = r.f64("last result's threshold");
   l.prune_count = r.i64("last result's prune_count");
   l.non_finite = r.i64("last result's non-finite count");
+  l.missing = version == 1 ? 0 : r.i64("last result's missing count");
   r.expect_end("the payload");
 
-  const auto total = static_cast<std::int64_t>(b0);
   if (l.step != im.last_step)
     r.fail("the last result is of step ", l.step, ", the last step is ", im.last_step);
-  if (l.budget < 0 || l.budget > total || l.prune_count < 0 || l.prune_count > total)
-    r.fail("the last result's budget ", l.budget, " and prune_count ", l.prune_count, " must be in [0, ", total, "]");
+  // The budget is the schedule's: at most b0 unless it may rise above (growth). The prune count
+  // is of the ranks at that step, which a later change may have made smaller than now's.
+  const auto b0_initial = static_cast<std::int64_t>(initial_triplets);
+  const bool budget_ok = l.budget >= 0 && (im.options.rank_can_grow || l.budget <= b0_initial);
+  const bool prune_ok = l.prune_count >= 0 && (version > 1 || l.prune_count <= b0_initial);
+  if (!budget_ok || !prune_ok)
+    r.fail("the last result's budget ", l.budget, " and prune_count ", l.prune_count, " must be in [0, ",
+           b0_initial, "]", im.options.rank_can_grow ? " (the budget may be more: rank_can_grow)" : "");
+  if (l.missing < 0) r.fail("the last result's missing count is negative: ", l.missing);
   if (std::isnan(l.threshold)) r.fail("the last result's threshold is NaN");
   if (l.non_finite < 0) r.fail("the last result's non-finite count is negative: ", l.non_finite);
   if (im.force_masked && (im.options.final_phase != final_phase_rule::peft || im.last_step < 0))
@@ -676,7 +769,8 @@ image<T> parse_payload(std::span<const std::uint8_t> payload) {
 
 template <class T>
 image<T> parse(std::span<const std::uint8_t> bytes) {
-  return parse_payload<T>(verified_payload(bytes));
+  const verified v = verified_payload(bytes);
+  return parse_payload<T>(v.payload, v.version);
 }
 
 /// The image of an allocator, as save_checkpoint writes it.
@@ -687,6 +781,7 @@ image<T> image_of(const rank_allocator<T, M, S, C>& alloc) {
   im.writer = concat("adalora ", ADALORA_VERSION_MAJOR, ".", ADALORA_VERSION_MINOR, ".",
                      ADALORA_VERSION_PATCH);
   im.shapes.assign(alloc.shapes().begin(), alloc.shapes().end());
+  im.initial_ranks.assign(alloc.initial_ranks().begin(), alloc.initial_ranks().end());
   im.schedule_tag = std::string(checkpoint_traits<S>::tag);
   checkpoint_writer sw;
   checkpoint_traits<S>::encode(alloc.schedule(), sw);
@@ -759,8 +854,20 @@ inline const char* name_of(non_finite_policy p) {
                                                  : "throw_error";
 }
 
+/// The largest rank adapter `a` of `alloc` can be reshaped to by a load: full rank
+/// min(in_features, out_features) (a triplet beyond it adds nothing that a full-rank adapter
+/// cannot express), or its rank now or at construction where larger. Its rank now where it
+/// cannot change (sharded, multi-process). Bounds what a load allocates, and so
+/// max_loadable_size.
+template <class T, class M, class S, class C>
+index_t loadable_rank(const rank_allocator<T, M, S, C>& alloc, std::size_t a) {
+  const adapter_shape& s = alloc.shapes()[a];
+  if (!std::is_same_v<C, single_process> || !detail::holds_whole(s)) return s.rank;
+  return std::max({s.rank, alloc.initial_ranks()[a], std::min(s.in_features, s.out_features)});
+}
+
 /// Throws checkpoint_error(mismatch) naming the first difference between the checkpoint's
-/// configuration and the allocator's.
+/// configuration and the allocator's (ranks now may differ: load_into reshapes).
 template <class T, class M, class S, class C>
 void match(const image<T>& im, const rank_allocator<T, M, S, C>& alloc) {
   using k = checkpoint_error::kind;
@@ -774,15 +881,46 @@ void match(const image<T>& im, const rank_allocator<T, M, S, C>& alloc) {
     if (c.name != s.name)
       fail(k::mismatch, "adapter ", a, " is named '", c.name, "' in the checkpoint, '", s.name,
            "' in the allocator");
-    if (c.in_features != s.in_features || c.out_features != s.out_features || c.rank != s.rank)
+    // Ranks at construction must match; ranks now may differ (load_into reshapes).
+    const index_t c0 = initial_rank(im, a), s0 = alloc.initial_ranks()[a];
+    if (c.in_features != s.in_features || c.out_features != s.out_features || c0 != s0)
       fail(k::mismatch, "adapter ", a, " ('", s.name, "') has in_features ", c.in_features,
-           ", out_features ", c.out_features, ", rank ", c.rank, " in the checkpoint, ",
-           s.in_features, ", ", s.out_features, ", ", s.rank, " in the allocator");
+           ", out_features ", c.out_features, ", rank ", c0, " in the checkpoint, ",
+           s.in_features, ", ", s.out_features, ", ", s0, " in the allocator",
+           c0 == c.rank && s0 == s.rank
+               ? std::string()
+               : concat(" (ranks at construction, ", c.rank, " and ", s.rank,
+                        " now; build the allocator with the ranks at construction, as "
+                        "read_checkpoint_config returns them, and loading reshapes it)"));
     const adapter_shard& ch = c.shard;
     const adapter_shard& sh = s.shard;
-    if (ch.triplet_begin != sh.triplet_begin || ch.triplet_count != sh.triplet_count ||
-        ch.in_begin != sh.in_begin || ch.in_count != sh.in_count || ch.out_begin != sh.out_begin ||
-        ch.out_count != sh.out_count || ch.scores_e != sh.scores_e)
+    if (c.rank != s.rank) {
+      // change_rank() (load_into) needs one process and every adapter whole.
+      std::string why;
+      if (!detail::holds_whole(c) || !detail::holds_whole(s))
+        why = "a sharded adapter's rank cannot change";
+      else if (!std::is_same_v<C, single_process>)
+        why = "a multi-process allocator's rank cannot change (every process would have to change "
+              "its shards at once)";
+      for (std::size_t b = 0; b < shapes.size() && why.empty(); ++b)
+        if (!detail::holds_whole(shapes[b]))
+          why = concat("adapter ", b, " ('", shapes[b].name, "') is sharded, and a sharded "
+                       "allocator's rank cannot change");
+      if (!why.empty())
+        fail(k::mismatch, "adapter ", a, " ('", s.name, "') has rank ", c.rank, " in the checkpoint (",
+             c0, " at construction), ", s.rank, " in the allocator, which cannot be reshaped to it: ",
+             why, " (docs/scale_out.md)");
+      if (const index_t most = loadable_rank(alloc, a); c.rank > most)
+        fail(k::mismatch, "adapter ", a, " ('", s.name, "') has rank ", c.rank,
+             " in the checkpoint, more than the ", most, " this allocator loads (full rank ",
+             std::min(s.in_features, s.out_features), " = min(in_features, out_features), or its "
+             "rank now or at construction where larger)");
+    }
+    if (c.rank != s.rank ? ch.scores_e != sh.scores_e  // both whole: only scores_e can differ
+                         : ch.triplet_begin != sh.triplet_begin || ch.triplet_count != sh.triplet_count ||
+                               ch.in_begin != sh.in_begin || ch.in_count != sh.in_count ||
+                               ch.out_begin != sh.out_begin || ch.out_count != sh.out_count ||
+                               ch.scores_e != sh.scores_e)
       fail(k::mismatch, "adapter ", a, " ('", s.name, "') holds shard triplets [", ch.triplet_begin,
            ", +", ch.triplet_count, "), in [", ch.in_begin, ", +", ch.in_count, "), out [",
            ch.out_begin, ", +", ch.out_count, "), scores_e ", ch.scores_e,
@@ -805,6 +943,10 @@ void match(const image<T>& im, const rank_allocator<T, M, S, C>& alloc) {
   if (im.options.non_finite != o.non_finite)
     fail(k::mismatch, "allocator options: the checkpoint has non_finite_policy::",
          name_of(im.options.non_finite), ", the allocator non_finite_policy::", name_of(o.non_finite));
+  if (im.options.rank_can_grow != o.rank_can_grow)
+    fail(k::mismatch, "allocator options: the checkpoint has rank_can_grow = ",
+         im.options.rank_can_grow ? "true" : "false", ", the allocator rank_can_grow = ",
+         o.rank_can_grow ? "true" : "false");
   if (im.force_masked && im.last_step < alloc.schedule().final_phase_start())
     fail(k::malformed, "the final-phase flag is set at step ", im.last_step,
          ", before the final phase starts (step ", alloc.schedule().final_phase_start(), ")");
@@ -858,18 +1000,66 @@ inline std::vector<std::uint8_t> read_file(const std::string& path,
   }
 }
 
-/// More bytes than any checkpoint that loads into `alloc` can have: its own checkpoint, with
-/// room for the longest writer string and to spare. A longer file or stream is refused before
-/// it is read in full.
+/// More bytes than any checkpoint that loads into `alloc` can have: its checkpoint with every
+/// adapter at loadable_rank(), with room for the longest writer string and to spare. A longer
+/// file or stream is refused before it is read in full.
 template <class T, class M, class S, class C>
 std::uint64_t max_loadable_size(const rank_allocator<T, M, S, C>& alloc) {
-  const auto st = alloc.resumable();
-  std::uint64_t n = 4096 + st.metric_state.size() * sizeof(T) + st.kept.size() * 9;
-  for (const adapter_shape& s : alloc.shapes()) n += 128 + s.name.size();
+  // In long double and saturated: full rank of a wide adapter can be beyond what a u64 counts.
+  const auto ld = [](auto v) { return static_cast<long double>(v); };
+  long double n = 4096;
+  for (std::size_t a = 0; a < alloc.num_adapters(); ++a) {
+    const adapter_shape& s = alloc.shapes()[a];
+    const index_t rank = loadable_rank(alloc, a);
+    // The state of the triplets this process holds (all of a whole adapter's), and every
+    // triplet's mask entry and score.
+    const index_t held = detail::holds_whole(s) ? rank : s.shard.triplet_count;
+    n += 128 + ld(s.name.size()) + 9 * ld(rank) +
+         ld(held) * (ld(s.shard.in_count) + 1 + ld(s.shard.out_count)) * ld(M::state_size) * ld(sizeof(T));
+  }
   checkpoint_writer w;
   checkpoint_traits<S>::encode(alloc.schedule(), w);
   checkpoint_traits<M>::encode(alloc.metric(), w);
-  return n + w.data().size();
+  n += ld(w.data().size());
+  return n >= 1.8e19L ? std::numeric_limits<std::uint64_t>::max() : static_cast<std::uint64_t>(n);
+}
+
+/// Reshapes `alloc` to the checkpoint's ranks (match() allowed it: whole adapters, one process),
+/// for restore() to overwrite every value: each adapter keeps its first min(old, new) triplets
+/// and appends the rest. change_rank() adds triplets only before the final phase (growth is a
+/// training decision there), so the allocator is first restored to a fresh state of its
+/// layout, and back to its own if the reshape fails: all-or-nothing, like the rest of a load.
+template <class T, class M, class S, class C>
+void reshape_to(rank_allocator<T, M, S, C>& alloc, const image<T>& im) {
+  rank_change change;
+  for (std::size_t a = 0; a < im.shapes.size(); ++a) {
+    triplet_map m;
+    m.old_rank = alloc.shapes()[a].rank;
+    for (index_t i = 0; i < im.shapes[a].rank; ++i) m.source.push_back(i < m.old_rank ? i : new_triplet);
+    change.push_back(std::move(m));
+  }
+  const auto st = alloc.resumable();
+  const std::vector<T> state(st.metric_state.begin(), st.metric_state.end());
+  const std::vector<std::uint8_t> kept(st.kept.begin(), st.kept.end());
+  const std::vector<double> scores(st.scores.begin(), st.scores.end());
+  const step_result<T> last = *st.last;
+  const std::vector<T> zeros(state.size(), T(0));
+  const step_result<T> none{};
+  alloc.restore({-1, false, zeros, kept, scores, &none});
+  const auto undo = [&] { alloc.restore({st.last_step, st.force_masked, state, kept, scores, &last}); };
+  try {
+    alloc.change_rank(change);
+  } catch (const std::bad_alloc&) {
+    undo();
+    throw;  // with_context names it
+  } catch (const std::length_error&) {
+    undo();
+    throw;
+  } catch (const std::exception& e) {  // a worker thread that could not start
+    undo();
+    fail(checkpoint_error::kind::io, "the allocator could not be reshaped to the checkpoint's ranks: ",
+         e.what());
+  }
 }
 
 /// The checkpoint of an allocator. Refuses what load would refuse, because a file that cannot
@@ -906,6 +1096,10 @@ void load_into(rank_allocator<T, M, S, C>& alloc, std::span<const std::uint8_t> 
     match(parsed, alloc);
     return parsed;
   });
+  bool reshape = false;  // the rank changed since the allocator's state (or the checkpoint's)
+  for (std::size_t a = 0; a < im.shapes.size(); ++a)
+    reshape = reshape || im.shapes[a].rank != alloc.shapes()[a].rank;
+  if (reshape) with_context(context, [&] { reshape_to(alloc, im); });
   alloc.restore({im.last_step, im.force_masked, im.metric_state, im.kept, im.scores, &im.last});
 }
 
@@ -1009,6 +1203,9 @@ void load_checkpoint(rank_allocator<T, M, S, C>& alloc, const std::string& path)
 ///   adalora::load_checkpoint(alloc, path);
 ///
 /// `options.threads` is the saved run's; change it freely (results do not depend on it).
+/// `shapes` have the ranks at construction (the schedule's initial budget is their sum); if the
+/// run changed rank (compact, grow), load_checkpoint reshapes the allocator to the saved ranks,
+/// and alloc.shapes() then has them, for the caller's tensors.
 template <class Metric, class Schedule>
 struct checkpoint_config {
   std::vector<adapter_shape> shapes;
@@ -1054,16 +1251,20 @@ long double allocator_bytes(const adapter_shape& s, std::uint32_t state_size) {
   return bytes + 256 + ld(s.name.size());
 }
 
-/// Throws checkpoint_error(malformed) if an allocator of the image's configuration needs more
-/// memory than `file_size` bytes back under `limits` (see checkpoint_limits).
+/// Throws checkpoint_error(malformed) if an allocator of the image's configuration (built at the
+/// ranks at construction, `built`, then reshaped to the image's) needs more memory than
+/// `file_size` bytes back under `limits` (see checkpoint_limits).
 template <class T>
-void check_backed(const image<T>& im, std::size_t file_size, const checkpoint_limits& limits) {
+void check_backed(const image<T>& im, std::span<const adapter_shape> built, std::size_t file_size,
+                  const checkpoint_limits& limits) {
   const auto ld = [](auto v) { return static_cast<long double>(v); };
   const long double allowed = ld(file_size) * ld(backed_per_byte) + ld(limits.max_unbacked_bytes);
   long double need = 1024 + 8 * ld(im.options.threads);  // the allocator itself, a split per thread
   for (std::size_t a = 0; a < im.shapes.size(); ++a) {
     const adapter_shape& s = im.shapes[a];
+    // Built at the ranks at construction, then reshaped to the ranks now (both held meanwhile).
     need += allocator_bytes<T>(s, im.metric_state_size);
+    if (built[a].rank != s.rank) need += allocator_bytes<T>(built[a], im.metric_state_size);
     if (need <= allowed) continue;
     const adapter_shard& h = s.shard;
     const auto whole = [](long double v) {  // for the message: an integer, saturated
@@ -1098,15 +1299,23 @@ checkpoint_config<Metric, Schedule> config_of(std::span<const std::uint8_t> byte
   if (const std::string problem = detail::adapter_name_problem(im.shapes); !problem.empty())
     fail(k::malformed, problem);
   std::int64_t b0 = 0;
-  for (const adapter_shape& s : im.shapes) b0 += s.rank;  // bounded by parse()
+  for (std::size_t a = 0; a < im.shapes.size(); ++a) b0 += initial_rank(im, a);  // bounded by parse()
   if (schedule.initial_budget() != b0)
     fail(k::malformed, "the schedule's initial budget ", schedule.initial_budget(),
-         " is not the adapters' rank sum ", b0);
+         " is not the adapters' rank sum at construction ", b0);
   if (im.force_masked && im.last_step < schedule.final_phase_start())
     fail(k::malformed, "the final-phase flag is set at step ", im.last_step,
          ", before the final phase starts (step ", schedule.final_phase_start(), ")");
-  check_backed(im, bytes.size(), limits);
-  return {std::move(im.shapes), std::move(schedule), std::move(metric), im.options};
+  // The allocator is built at the ranks at construction, and a load reshapes it to the ranks now.
+  std::vector<adapter_shape> built = im.shapes;
+  for (std::size_t a = 0; a < built.size(); ++a) {
+    adapter_shape& s = built[a];
+    if (s.rank == initial_rank(im, a)) continue;  // parse(): only whole adapters change rank
+    s.rank = initial_rank(im, a);
+    s.shard.triplet_count = s.rank;
+  }
+  check_backed(im, built, bytes.size(), limits);
+  return {std::move(built), std::move(schedule), std::move(metric), im.options};
 }
 
 }  // namespace detail::ckpt

@@ -2,8 +2,11 @@
 //   check_outputs TASK OUT_DIR SUMMARY_JSON
 // The JSON summary must parse and hold, for every method and budget, the metric, mean, std,
 // params and per-seed ranks; the rank-history CSV must have its header and well-formed rows;
-// the pictures must be SVG documents; the Markdown table must be there. Prints what is wrong
-// and exits 1, or prints "ok" and exits 0.
+// the pictures must be SVG documents; the Markdown table must be there. With --compact's
+// entries, the compacted runs must keep AdaLoRA's ranks, and with the orthogonality
+// regularizer off their test metric must be the masked runs' up to rounding. The growth
+// experiment (TASK planted_growth) must keep its total rank: the budget times the matrices.
+// Prints what is wrong and exits 1, or prints "ok" and exits 0.
 
 #include <cmath>
 #include <fstream>
@@ -44,16 +47,19 @@ void check_csv(const std::string& path, const std::set<std::string>& adapters) {
   std::istringstream in(read(path));
   std::string line;
   std::getline(in, line);
-  expect(line == "budget,seed,step,adapter,kept", path + ": unexpected header '" + line + "'");
+  expect(line == "method,budget,seed,step,adapter,kept",
+         path + ": unexpected header '" + line + "'");
   int rows = 0;
   while (std::getline(in, line)) {
     std::istringstream fields(line);
-    std::string budget, seed, step, adapter, kept, extra;
-    const bool five = std::getline(fields, budget, ',') && std::getline(fields, seed, ',') &&
-                      std::getline(fields, step, ',') && std::getline(fields, adapter, ',') &&
-                      std::getline(fields, kept, ',') && !std::getline(fields, extra, ',');
-    expect(five, path + ": row is not 5 fields: " + line);
-    if (!five) break;
+    std::string method, budget, seed, step, adapter, kept, extra;
+    const bool six = std::getline(fields, method, ',') && std::getline(fields, budget, ',') &&
+                     std::getline(fields, seed, ',') && std::getline(fields, step, ',') &&
+                     std::getline(fields, adapter, ',') && std::getline(fields, kept, ',') &&
+                     !std::getline(fields, extra, ',');
+    expect(six, path + ": row is not 6 fields: " + line);
+    if (!six) break;
+    expect(method.rfind("adalora", 0) == 0, path + ": unknown method in: " + line);
     expect(adapters.count(adapter) == 1, path + ": unknown adapter in: " + line);
     try {
       expect(std::stoi(budget) >= 1 && std::stoi(seed) >= 0 && std::stoll(step) >= 0 &&
@@ -65,6 +71,40 @@ void check_csv(const std::string& path, const std::set<std::string>& adapters) {
     ++rows;
   }
   expect(rows > 0, path + " has no rows");
+}
+
+/// --compact's entries: the compacted runs are AdaLoRA's runs at its chosen learning rate, so
+/// they keep its ranks; without the regularizer their metric is the masked runs' up to rounding.
+void check_compaction(const std::string& path, const nlohmann::json& e) {
+  const double orth = e.at("orth_weight").get<double>();
+  for (const auto& c : e.at("compaction")) {
+    const std::string where = path + ": compaction at budget " + c.at("budget").dump();
+    const nlohmann::json* adalora = nullptr;
+    for (const auto& r : e.at("results"))
+      if (r.at("method") == "adalora" && r.at("budget") == c.at("budget")) adalora = &r;
+    expect(adalora != nullptr, where + ": no AdaLoRA result at that budget");
+    if (adalora == nullptr) continue;
+    expect(c.at("lr") == adalora->at("lr"), where + ": not AdaLoRA's learning rate");
+    expect(c.at("ranks_compacted") == adalora->at("ranks"), where + ": ranks " +
+           c.at("ranks_compacted").dump() + " are not AdaLoRA's " + adalora->at("ranks").dump());
+    const auto& masked = c.at("metric_masked");
+    const auto& compacted = c.at("metric_compacted");
+    expect(masked.size() == compacted.size() && !masked.empty(), where + ": metric sizes");
+    for (std::size_t s = 0; s < masked.size() && s < compacted.size(); ++s) {
+      const double a = masked[s].get<double>(), b = compacted[s].get<double>();
+      expect(a == adalora->at("values")[s].get<double>(),
+             where + ": the masked run is not AdaLoRA's run of the same seed");
+      // Eigen's GEMM sums over the rank in blocks, so the two agree to rounding, not bits.
+      if (orth == 0)
+        expect(std::abs(a - b) <= 1e-4 * std::abs(a),
+               where + ": masked " + std::to_string(a) + " and compacted " + std::to_string(b) +
+                   " differ by more than rounding with the regularizer off");
+    }
+    for (const auto& f : c.at("kept_cost_fraction"))
+      expect(f.get<double>() >= 0 && f.get<double>() <= 1, where + ": kept cost outside [0, 1]");
+    for (const char* k : {"step_ms_masked", "step_ms_compacted"})
+      for (const auto& ms : c.at(k)) expect(ms.get<double>() > 0, where + ": " + k + " <= 0");
+  }
 }
 
 void check_json(const std::string& path, const std::string& task, std::set<std::string>* adapters) {
@@ -84,7 +124,7 @@ void check_json(const std::string& path, const std::string& task, std::set<std::
   const std::size_t n = e.at("adapters").size();
   for (const auto& a : e.at("adapters")) adapters->insert(a.get<std::string>());
   expect(n > 0, "no adapters");
-  if (task == "planted") expect(e.at("planted_ranks").size() == n, "planted_ranks size");
+  if (task.rfind("planted", 0) == 0) expect(e.at("planted_ranks").size() == n, "planted_ranks size");
   std::set<std::string> methods;
   for (const auto& r : e.at("results")) {
     const std::string m = r.at("method");
@@ -96,14 +136,24 @@ void check_json(const std::string& path, const std::string& task, std::set<std::
     expect(r.at("params").get<double>() > 0, where + ": params <= 0");
     expect(r.at("budget").is_null() == (m == "full"), where + ": budget null iff full");
     expect(!r.at("ranks").empty(), where + ": no ranks");
-    for (const auto& ranks : r.at("ranks")) expect(ranks.size() == n, where + ": ranks size");
+    for (const auto& ranks : r.at("ranks")) {
+      expect(ranks.size() == n, where + ": ranks size");
+      int total = 0;
+      for (const auto& k : ranks) total += k.get<int>();
+      // Growth keeps the total at the budget (constant) or brings it there (rising).
+      if (m == "adalora_growth")
+        expect(total == r.at("budget").get<int>() * static_cast<int>(n),
+               where + ": growth's total rank " + std::to_string(total) + " is not the budget's");
+    }
   }
-  for (const char* m : {"lora", "adalora", "full"})
+  const bool growth = task == "planted_growth";
+  for (const char* m : {"lora", "adalora", growth ? "adalora_growth" : "full"})
     expect(methods.count(m) == 1, path + ": no results for the method " + m);
   for (const std::string& m : methods)
     expect(m == "lora" || m == "adalora" || m == "full" || m == "svd_fixed_rank" ||
-               m == "lora_adalora_ranks",
+               m == "lora_adalora_ranks" || m == "adalora_growth",
            path + ": unknown method " + m);
+  if (e.contains("compaction")) check_compaction(path, e);
 }
 
 }  // namespace

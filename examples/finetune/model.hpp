@@ -12,16 +12,19 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "adalora/adalora.hpp"
 #include "adalora/integrations/eigen.hpp"
 #include "adalora/integrations/eigen_kernels.hpp"
 #include "examples/finetune/data.hpp"
+#include "examples/finetune/rank_moves.hpp"
 
 namespace finetune {
 
@@ -64,11 +67,16 @@ inline matrix forward(const network& net, const matrix& x) {
 
 /// full: every weight and bias trained. lora: B·A at fixed ranks. adalora: the SVD form with
 /// the rank allocator. svd: the SVD form at fixed ranks, no pruning (an ablation that separates
-/// AdaLoRA's parametrization from its allocation).
-enum class method { full, lora, adalora, svd };
+/// AdaLoRA's parametrization from its allocation). growth: the SVD form with the allocator and
+/// a rank_redistributor that moves rank (drops the weakest triplets, adds where it is missing).
+enum class method { full, lora, adalora, svd, growth };
 
-/// The SVD form B·diag(E)·A (AdaLoRA and its fixed-rank ablation).
-inline bool svd_form(method m) { return m == method::adalora || m == method::svd; }
+/// The SVD form B·diag(E)·A (AdaLoRA, growth and the fixed-rank ablation).
+inline bool svd_form(method m) {
+  return m == method::adalora || m == method::svd || m == method::growth;
+}
+/// Methods whose ranks the library's allocator decides.
+inline bool allocated(method m) { return m == method::adalora || m == method::growth; }
 
 /// A trainable tensor and its gradient, for the optimizer (which never needs to know which
 /// method owns it).
@@ -147,8 +155,10 @@ class adapted_network {
         z.noalias() += s.lora_scaling * (s.u * s.B.transpose());
       } else if (svd_form(options_.kind) && adapted) {
         // y += ((x · (A ⊙ E)ᵀ) · Bᵀ) · alpha / (r + 1e-5), straight into z's memory.
+        const auto t0 = clock::now();
         adalora::eigen_adapter_forward<float>(adapter_params(s), s.scale, adalora::as_matrix(h),
                                               adalora::as_matrix(z), s.ws);
+        adapter_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
       }
       h_[l + 1] = z;
       if (l + 1 < layers_.size()) apply_activation(base_->act, h_[l + 1]);
@@ -177,10 +187,12 @@ class adapted_network {
         s.dA.noalias() += du_.transpose() * h;
         if (need_dx) dh_.noalias() += du_ * s.A;
       } else {  // the SVD form, by the library
+        const auto t0 = clock::now();
         adalora::eigen_adapter_backward<float>(
             adapter_params(s), s.scale, adalora::as_matrix(h), adalora::as_matrix(dz_),
             adapter_grads(s), s.ws,
             need_dx ? adalora::as_matrix(dh_) : adalora::matrix_view<float>{});
+        adapter_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
       }
       if (!need_dx) break;
       // Through the activation of layer l − 1 (its output is h_[l]).
@@ -190,6 +202,10 @@ class adapted_network {
         dz_ = dh_.array() * (h.array() > 0.0f).cast<float>();
     }
   }
+
+  /// Seconds spent in the SVD adapters' forward and backward since the last call (the
+  /// --compact report's "adapter's own cost"); resets the count.
+  double take_adapter_seconds() { return std::exchange(adapter_seconds_, 0.0); }
 
   void zero_grad() {
     for (layer_state& s : layers_) {
@@ -201,21 +217,28 @@ class adapted_network {
     }
   }
 
-  /// Every trainable tensor with its gradient, for the optimizer.
+  /// Every trainable tensor with its gradient, for the optimizer, in a fixed order: per layer,
+  /// W and b (full), A and B (LoRA), or A, E and B (the SVD form, svd_parameter(l, j) = 3l + j),
+  /// rank-0 ones (no memory) included, so that a change of rank keeps every index.
   std::vector<parameter> parameters() {
     std::vector<parameter> p;
     const auto add = [&p](auto& value, auto& grad) {
-      if (value.size() > 0) p.push_back({value.data(), grad.data(), value.size()});
+      p.push_back({value.data(), grad.data(), value.size()});
     };
     for (layer_state& s : layers_) {
-      add(s.W, s.dW);
-      add(s.b, s.db);
+      if (options_.kind == method::full) {
+        add(s.W, s.dW);
+        add(s.b, s.db);
+        continue;
+      }
       add(s.A, s.dA);
-      add(s.E, s.dE);
+      if (svd_form(options_.kind)) add(s.E, s.dE);
       add(s.B, s.dB);
     }
     return p;
   }
+  /// The index in parameters() of layer l's A (j = 0), E (1) or B (2), for the SVD form.
+  static std::size_t svd_parameter(std::size_t l, std::size_t j) { return 3 * l + j; }
 
   // ---- the SVD form: the adapters the library's regularizer and allocator work on ----
 
@@ -226,6 +249,29 @@ class adapted_network {
     for (std::size_t l = 0; l < layers_.size(); ++l)
       set.add(base_->layers[l].name, adapter_params(layers_[l]), adapter_grads(layers_[l]));
     return set;
+  }
+
+  /// Layer l's SVD adapter (views of its A, E, B).
+  adalora::svd_adapter_ref<float> adapter(std::size_t l) { return adapter_params(layers_.at(l)); }
+
+  /// Applies a change of rank (rank_allocator::compact, growth) to layer l's A, E, B and their
+  /// gradients, for the SVD form. Drops are made in place; new triplets are 0 (the parameters'
+  /// values are for a growth init policy to set). The scale alpha / r stays the one of the
+  /// initial rank: changing it would rescale the update the kept triplets already make.
+  /// Views taken before (svd_adapters(), adapter()) are stale afterwards.
+  void change_rank(std::size_t l, const adalora::triplet_map& m) {
+    if (!svd_form(options_.kind))
+      throw std::invalid_argument("adapted_network::change_rank: only the SVD form changes rank");
+    layer_state& s = layers_.at(l);
+    const Eigen::Index in = base_->layers[l].in(), out = base_->layers[l].out();
+    for (matrix* a : {&s.A, &s.dA}) finetune::change_rank(*a, triplet_axis::rows, in, m);
+    for (vector* e : {&s.E, &s.dE}) finetune::change_rank(*e, triplet_axis::entries, 1, m);
+    for (matrix* b : {&s.B, &s.dB}) finetune::change_rank(*b, triplet_axis::columns, out, m);
+  }
+
+  /// The shape of layer l's weight, (out, in).
+  std::pair<Eigen::Index, Eigen::Index> shape(std::size_t l) const {
+    return {base_->layers.at(l).out(), base_->layers.at(l).in()};
   }
 
   /// The rank of each layer's update at the start: the adapters' ranks, min(in, out) for full
@@ -299,6 +345,8 @@ class adapted_network {
   std::vector<matrix> h_;  // h_[0] = input, h_[l + 1] = output of layer l (after activation)
   std::vector<matrix> z_;  // pre-activations
   matrix dz_, dh_, du_;
+  double adapter_seconds_ = 0;
+  using clock = std::chrono::steady_clock;
 };
 
 }  // namespace finetune

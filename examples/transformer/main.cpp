@@ -14,6 +14,8 @@
 //   4. Reports: the table, the rank picture (the paper's Figure 1), validation curves, a JSON
 //      summary, AdaLoRA's adapters exported in PEFT's format and re-imported (same logits), and
 //      the cost of a step (LoRA, AdaLoRA, and AdaLoRA's allocator written as PEFT writes it).
+//   5. With --compact: AdaLoRA compacted to its kept triplets once its pattern is final, against
+//      the masked runs (orthogonality on and off), and the final phase's step with and without.
 
 #include <dlfcn.h>
 #include <torch/torch.h>
@@ -81,6 +83,9 @@ struct flags {
   // The test suite's tiny version: a small model, few steps, a slice of the data.
   bool tiny = false;
   bool cost_only = false;  // data, pre-training (cached) and the step cost; no fine-tuning arms
+  bool compact = false;       // the compaction comparison (compacted AdaLoRA runs, final-phase cost)
+  bool compact_only = false;  // only that comparison, at the first learning rate of the grid
+  std::int64_t final_untimed = 60;  // untimed steps before the final phase's timed ones
   model_config model;
   std::int64_t max_paragraphs = 0, max_train = 0, max_eval = 0;  // 0: all
 };
@@ -98,6 +103,11 @@ const char* usage = R"(usage: transformer [options]
   --cost-steps N       timed steps per model in the step-cost comparison (default 150; 0 skips)
   --jobs N             fine-tuning runs trained at once, one thread each (default 2)
   --cost-only          only the step-cost comparison (after the data and the cached pre-training)
+  --compact            also AdaLoRA compacted to its kept triplets once its pattern is final,
+                       against the masked runs at the same seeds and learning rate (orthogonality
+                       on and off), and the final phase's step cost with and without compaction
+  --compact-only       only that comparison (after the data and the cached pre-training), at the
+                       first learning rate of --lr-grid
   --tiny               the test suite's version: small model, few steps, a slice of the data
 )";
 
@@ -146,6 +156,8 @@ flags parse(int argc, char** argv) {
     else if (a == "--jobs") f.jobs = unsigned(std::max<std::int64_t>(1, positive(next())));
     else if (a == "--tiny") f.tiny = true;
     else if (a == "--cost-only") f.cost_only = true;
+    else if (a == "--compact") f.compact = true;
+    else if (a == "--compact-only") f.compact = f.compact_only = true;
     else if (a == "--help" || a == "-h") {
       std::cout << usage;
       std::exit(0);
@@ -163,6 +175,7 @@ flags parse(int argc, char** argv) {
     f.lr_grid = {3e-3, 1e-2};
     f.lr_grid_full = {1e-3};
     f.cost_steps = std::min<std::int64_t>(f.cost_steps, 6);
+    f.final_untimed = 30;
   }
   if (f.seeds < 1) throw std::invalid_argument("--seeds must be >= 1");
   if (f.budgets.empty()) throw std::invalid_argument("--budgets needs at least one budget");
@@ -171,6 +184,8 @@ flags parse(int argc, char** argv) {
   std::sort(f.budgets.begin(), f.budgets.end());
   f.budgets.erase(std::unique(f.budgets.begin(), f.budgets.end()), f.budgets.end());
   if (f.steps < 20) throw std::invalid_argument("--steps must be >= 20");
+  if (f.cost_only && f.compact_only)
+    throw std::invalid_argument("--cost-only and --compact-only exclude each other");
   if (!cache_set) f.cache = f.out / "cache";
   return f;
 }
@@ -590,6 +605,240 @@ std::vector<step_cost_result> step_costs(const encoder& base, const prepared& d,
   return costs;
 }
 
+// ---- compaction (issue 17) ---------------------------------------------------------------------
+
+/// One budget and orthogonality setting: the same seeds masked (as PEFT trains) and compacted.
+struct compaction_pair {
+  int budget = 0;
+  double lr = 0, orth_weight = 0;
+  std::vector<run_result> masked, compacted;  // by seed
+};
+
+std::vector<double> test_losses(const std::vector<run_result>& runs) {
+  std::vector<double> v;
+  for (const auto& r : runs) v.push_back(r.test.loss);
+  return v;
+}
+std::vector<double> test_accuracies(const std::vector<run_result>& runs) {
+  std::vector<double> v;
+  for (const auto& r : runs) v.push_back(r.test.accuracy);
+  return v;
+}
+double median_final_step_ms(const std::vector<run_result>& runs) {
+  std::vector<double> v;
+  for (const auto& r : runs) v.push_back(r.final_phase_step_ms);
+  return median(v);
+}
+
+/// Per budget, AdaLoRA masked and compacted at every seed, with the recipe's orthogonality and
+/// without. `summaries` (the protocol's arms) gives the learning rate and the masked runs with
+/// orthogonality; without it the rate is the grid's first and every run is trained here.
+std::vector<compaction_pair> compaction_comparison(run_pool& pool, const flags& f,
+                                                   const std::map<arm_key, arm_summary>* summaries) {
+  const adalora_recipe recipe;
+  std::vector<compaction_pair> pairs;
+  std::vector<run_config> configs;
+  for (const int b : f.budgets)
+    for (const double orth : {recipe.orth_weight, 0.0}) {
+      compaction_pair p;
+      p.budget = b;
+      p.orth_weight = orth;
+      p.lr = summaries ? summaries->at({method::adalora, b}).lr : f.lr_grid.front();
+      if (summaries && orth == recipe.orth_weight)
+        for (const auto& r : summaries->at({method::adalora, b}).runs) {
+          run_result copy = r;
+          copy.model.reset();
+          p.masked.push_back(std::move(copy));
+        }
+      for (const bool compact : {false, true}) {
+        if (!compact && !p.masked.empty()) continue;
+        for (int s = 0; s < f.seeds; ++s) {
+          run_config c;
+          c.kind = method::adalora;
+          c.budget = b;
+          c.lr = p.lr;
+          c.seed = s;
+          c.steps = f.steps;
+          c.batch = f.batch;
+          c.ada.orth_weight = orth;
+          c.compact = compact;
+          configs.push_back(c);
+        }
+      }
+      pairs.push_back(std::move(p));
+    }
+  std::cerr << format("compaction: %zu AdaLoRA runs, masked and compacted, orthogonality %.1f and 0\n",
+                      configs.size(), recipe.orth_weight);
+  for (auto& r : pool.run(configs))
+    for (auto& p : pairs)
+      if (p.budget == r.config.budget && p.orth_weight == r.config.ada.orth_weight)
+        (r.config.compact ? p.compacted : p.masked).push_back(std::move(r));
+  for (auto& p : pairs)
+    for (auto* runs : {&p.masked, &p.compacted})
+      std::sort(runs->begin(), runs->end(),
+                [](const run_result& x, const run_result& y) { return x.config.seed < y.config.seed; });
+  return pairs;
+}
+
+/// The final phase with and without compaction at every budget.
+std::vector<final_phase_cost_result> final_phase_costs(const encoder& base, const prepared& d, const flags& f) {
+  std::vector<final_phase_cost_result> costs;
+  for (const int b : f.budgets) {
+    if (f.cost_steps <= 0) break;
+    std::cerr << format("final-phase cost: budget %d, %lld untimed then %lld timed steps per model, 3 "
+                        "models in turn...\n", b, (long long)f.final_untimed, (long long)f.cost_steps);
+    costs.push_back(measure_final_phase_cost(base, d.train, d.classes, b, f.cost_steps, f.final_untimed,
+                                             f.batch, adalora_recipe{}));
+  }
+  return costs;
+}
+
+bool same_ranks(const run_result& masked, const run_result& compacted) {
+  return compacted.compacted_at >= 0 && compacted.compacted_ranks == masked.ranks &&
+         compacted.ranks == compacted.compacted_ranks;
+}
+
+std::string compaction_report(const std::vector<compaction_pair>& pairs,
+                              const std::vector<final_phase_cost_result>& costs, const flags& f,
+                              const std::string& load_before, const std::string& load_after,
+                              const std::string& blas) {
+  std::string s;
+  if (!pairs.empty()) {
+    const run_result& any = pairs.front().compacted.front();
+    s += format(
+        "AdaLoRA with and without compaction: the same seeds, batches and learning rate, once "
+        "masked as PEFT and loralib train (pruned triplets stay in every product to the end) and "
+        "once compacted to the kept triplets at the final phase's force mask (step %lld of %lld). "
+        "Test accuracy, mean ± standard deviation over %d seed(s). The final-phase step is the "
+        "median over the steps after the force mask of each run (two runs share the machine at a "
+        "time: see the side-by-side table below for the cost).\n\n",
+        (long long)any.compacted_at, (long long)f.steps, f.seeds);
+    s += "| budget | orthogonality | lr | masked | compacted | difference | largest per-seed "
+         "difference (accuracy / test loss) | final-phase step, masked → compacted | compacted "
+         "ranks = kept ranks |\n|---|---|---|---|---|---|---|---|---|\n";
+    for (const auto& p : pairs) {
+      const auto am = test_accuracies(p.masked), ac = test_accuracies(p.compacted);
+      const auto lm = test_losses(p.masked), lc = test_losses(p.compacted);
+      double max_acc = 0, max_loss = 0;
+      bool ranks = p.masked.size() == p.compacted.size();
+      for (std::size_t i = 0; i < std::min(am.size(), ac.size()); ++i) {
+        max_acc = std::max(max_acc, std::abs(ac[i] - am[i]));
+        max_loss = std::max(max_loss, std::abs(lc[i] - lm[i]));
+        ranks = ranks && same_ranks(p.masked[i], p.compacted[i]);
+      }
+      const double diff = mean_of(ac) - mean_of(am), spread = std::max(stddev(am), stddev(ac));
+      s += format("| %d | %.1f | %.0e | %.4f ± %.4f | %.4f ± %.4f | %+.4f (%s) | %.4f / %.2e | "
+                  "%.2f → %.2f ms | %s |\n",
+                  p.budget, p.orth_weight, p.lr, mean_of(am), stddev(am), mean_of(ac), stddev(ac), diff,
+                  std::abs(diff) <= spread ? "inside the seed spread" : "OUTSIDE the seed spread",
+                  max_acc, max_loss, median_final_step_ms(p.masked), median_final_step_ms(p.compacted),
+                  ranks ? "yes" : "NO");
+    }
+    s += "\n";
+  }
+  if (!costs.empty()) {
+    const auto& c0 = costs.front();
+    s += format(
+        "The final phase's step, side by side: three models in turn on the same batch, medians "
+        "over %lld steps of the final phase (after %lld untimed ones on a compressed cubic "
+        "schedule that ends in the force mask), ms per step, one torch thread; torch BLAS: %s; "
+        "load average before %s, after %s. Rank 0 is the same model with every adapter at rank 0: "
+        "what does not depend on the rank. The adapter's own cost is a step minus the rank-0 "
+        "step.\n\n",
+        (long long)c0.steps, (long long)c0.untimed, blas.c_str(), load_before.c_str(), load_after.c_str());
+    s += "| budget | model | triplets | forward + backward | regularizer | optimizer | allocator | "
+         "step | adapter's own cost |\n|---|---|---|---|---|---|---|---|---|\n";
+    for (const auto& c : costs) {
+      const double base = median(c.rank0.total);
+      const auto row = [&](const std::string& name, std::int64_t triplets, const phase_times& p, bool adaptive) {
+        s += format("| %d | %s | %lld | %.2f | %.3f | %.2f | %s | %.2f | %s |\n", c.budget, name.c_str(),
+                    (long long)triplets, median(p.forward_backward), median(p.regularizer),
+                    median(p.optimizer), adaptive ? format("%.3f", median(p.allocator)).c_str() : "-",
+                    median(p.total), adaptive ? format("%.2f", median(p.total) - base).c_str() : "-");
+      };
+      row("rank 0", 0, c.rank0, false);
+      row(format("AdaLoRA %lld → %d, masked", (long long)c.initial_rank, c.budget), c.initial_total, c.masked, true);
+      row(format("AdaLoRA %lld → %d, compacted", (long long)c.initial_rank, c.budget), c.kept_total, c.compacted, true);
+    }
+    for (const auto& c : costs) {
+      const double base = median(c.rank0.total);
+      const double own_masked = median(c.masked.total) - base, own_compacted = median(c.compacted.total) - base;
+      s += format(
+          "\nbudget %d: %lld of %lld triplets kept (fraction %.3f); the adapter's own cost falls "
+          "from %.2f to %.2f ms per step, to %.3f of the masked one's; the whole step %+.1f%% "
+          "(compaction itself took %.2f ms, once).\n",
+          c.budget, (long long)c.kept_total, (long long)c.initial_total, c.kept_fraction(), own_masked,
+          own_compacted, own_masked > 0 ? own_compacted / own_masked : std::nan(""),
+          100 * (median(c.compacted.total) / median(c.masked.total) - 1), c.compaction_ms);
+    }
+  }
+  return s;
+}
+
+json compaction_json(const std::vector<compaction_pair>& pairs, const std::vector<final_phase_cost_result>& costs) {
+  json runs = json::array();
+  for (const auto& p : pairs) {
+    const auto side = [](const std::vector<run_result>& v) {
+      json ranks = json::array(), compacted_ranks = json::array(), at = json::array();
+      for (const auto& r : v) {
+        ranks.push_back(r.ranks);
+        compacted_ranks.push_back(r.compacted_ranks);
+        at.push_back(r.compacted_at);
+      }
+      const auto acc = test_accuracies(v);
+      return json{{"values", acc},
+                  {"mean", mean_of(acc)},
+                  {"std", stddev(acc)},
+                  {"test_loss", test_losses(v)},
+                  {"ranks", ranks},
+                  {"compacted_ranks", compacted_ranks},
+                  {"compacted_at", at},
+                  {"final_phase_step_ms", median_final_step_ms(v)}};
+    };
+    const auto am = test_accuracies(p.masked), ac = test_accuracies(p.compacted);
+    bool ranks = p.masked.size() == p.compacted.size();
+    for (std::size_t i = 0; ranks && i < p.masked.size(); ++i) ranks = same_ranks(p.masked[i], p.compacted[i]);
+    runs.push_back({{"budget", p.budget},
+                    {"orthogonality", p.orth_weight},
+                    {"lr", p.lr},
+                    {"masked", side(p.masked)},
+                    {"compacted", side(p.compacted)},
+                    {"difference", mean_of(ac) - mean_of(am)},
+                    {"seed_spread", std::max(stddev(am), stddev(ac))},
+                    {"compacted_ranks_equal_kept", ranks}});
+  }
+  json cost = json::array();
+  for (const auto& c : costs) {
+    const double base = median(c.rank0.total);
+    const double own_masked = median(c.masked.total) - base, own_compacted = median(c.compacted.total) - base;
+    cost.push_back({{"budget", c.budget},
+                    {"initial_rank", c.initial_rank},
+                    {"initial_triplets", c.initial_total},
+                    {"kept_triplets", c.kept_total},
+                    {"kept_fraction", c.kept_fraction()},
+                    {"timed_steps", c.steps},
+                    {"untimed_steps", c.untimed},
+                    {"rank0", phase_json(c.rank0)},
+                    {"masked", phase_json(c.masked)},
+                    {"compacted", phase_json(c.compacted)},
+                    {"adapter_cost_masked_ms", own_masked},
+                    {"adapter_cost_compacted_ms", own_compacted},
+                    {"adapter_cost_ratio", own_masked > 0 ? json(own_compacted / own_masked) : json()},
+                    {"step_ratio", median(c.compacted.total) / median(c.masked.total)},
+                    {"compaction_ms", c.compaction_ms}});
+  }
+  return {{"runs", runs}, {"final_phase_cost", cost}};
+}
+
+/// The comparison's report, printed and written to transformer_compaction.md.
+void write_compaction(const flags& f, const std::vector<compaction_pair>& pairs,
+                      const std::vector<final_phase_cost_result>& costs, const std::string& load_before,
+                      const std::string& load_after, const std::string& blas) {
+  const std::string report = compaction_report(pairs, costs, f, load_before, load_after, blas);
+  std::cout << "\n" << report << std::flush;
+  write_text(f.out / "transformer_compaction.md", report);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -614,6 +863,29 @@ int main(int argc, char** argv) try {
   if (f.cost_only) {
     std::string before, after;
     step_costs(base, d, f, blas, before, after);
+    if (f.compact) {
+      before = load_text();
+      const auto costs = final_phase_costs(base, d, f);
+      write_compaction(f, {}, costs, before, load_text(), blas);
+    }
+    return 0;
+  }
+  if (f.compact_only) {
+    // AdaLoRA masked and compacted, orthogonality on and off, at every budget and seed.
+    run_pool pool(base, d, f.jobs, 4.0 * double(f.budgets.size()) * f.seeds * double(f.steps));
+    const std::vector<compaction_pair> pairs = compaction_comparison(pool, f, nullptr);
+    const std::string before = load_text();
+    const auto costs = final_phase_costs(base, d, f);
+    const std::string after = load_text();
+    write_compaction(f, pairs, costs, before, after, blas);
+    json summary = {{"model", config.text()}, {"blas", blas}, {"steps", f.steps}, {"seeds", f.seeds}};
+    summary["pretraining"] = {{"reused", pre.reused}, {"file", pre.file.string()}};
+    summary["compaction"] = compaction_json(pairs, costs);
+    summary["load_average_before_after"] = {before, after};
+    summary["seconds"] = seconds_since(start);
+    write_text(f.out / "summary.json", summary.dump(2) + "\n");
+    std::cout << format("\ntransformer: outputs in %s/ (transformer_compaction.md, summary.json); done in %s\n",
+                        f.out.string().c_str(), duration_text(seconds_since(start)).c_str());
     return 0;
   }
 
@@ -642,6 +914,7 @@ int main(int argc, char** argv) try {
   for (const auto& c : grid) total += run_pool::work_of(c);
   for (const auto& k : arms) total += (f.seeds - 1) * run_pool::work_of(config_of(k, 0, 0));
   if (f.ablations) total += 2.0 * f.seeds * double(f.steps);
+  if (f.compact) total += 3.0 * double(f.budgets.size()) * f.seeds * double(f.steps);
   run_pool pool(base, d, f.jobs, total);
   std::cerr << format("finetune: %zu arms, %zu grid runs (seed 0), then %d more seed(s) per arm%s; "
                       "%lld steps of batch %lld each\n",
@@ -706,6 +979,8 @@ int main(int argc, char** argv) try {
     std::sort(a.runs.begin(), a.runs.end(), [](const run_result& x, const run_result& y) {
       return x.config.seed < y.config.seed;
     });
+  const std::vector<compaction_pair> compaction_pairs =
+      f.compact ? compaction_comparison(pool, f, &summaries) : std::vector<compaction_pair>{};
 
   // ---- the table ----
   const fs::path out = f.out;
@@ -823,6 +1098,14 @@ int main(int argc, char** argv) try {
   // ---- the cost of a step ----
   std::string load_before, load_after;
   const std::vector<step_cost_result> costs = step_costs(base, d, f, blas, load_before, load_after);
+  std::vector<final_phase_cost_result> final_costs;
+  std::string final_load_before, final_load_after;
+  if (f.compact) {
+    final_load_before = load_text();
+    final_costs = final_phase_costs(base, d, f);
+    final_load_after = load_text();
+    write_compaction(f, compaction_pairs, final_costs, final_load_before, final_load_after, blas);
+  }
 
   // ---- the JSON summary, in the finetune demo's shape ----
   json task = {{"task", "wordnet-lexfile"},
@@ -887,13 +1170,18 @@ int main(int argc, char** argv) try {
                          {"adalora", phase_json(c.adalora)},
                          {"peft_style", phase_json(c.peft_style)}});
   summary["step_cost"] = cost_json;
+  if (f.compact) {
+    summary["compaction"] = compaction_json(compaction_pairs, final_costs);
+    summary["compaction"]["load_average_before_after"] = {final_load_before, final_load_after};
+  }
   summary["load_average_before_after"] = {load_before, load_after};
   summary["seconds"] = seconds_since(start);
   write_text(out / "summary.json", summary.dump(2) + "\n");
   std::cout << format("\ntransformer: outputs in %s/ (transformer_table.md, transformer_ranks.svg, "
                       "transformer_curves.svg, transformer_step_cost.md, summary.json, "
-                      "transformer_adalora_peft/); done in %s\n",
-                      out.string().c_str(), duration_text(seconds_since(start)).c_str());
+                      "transformer_adalora_peft/%s); done in %s\n",
+                      out.string().c_str(), f.compact ? ", transformer_compaction.md" : "",
+                      duration_text(seconds_since(start)).c_str());
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "transformer: error: " << e.what() << "\n";

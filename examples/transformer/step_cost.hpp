@@ -10,18 +10,29 @@
 //   peft_style  AdaLoRA as PEFT writes it: the regularizer as torch operations inside the loss
 //               (autograd differentiates it), the allocator as per-tensor torch operations
 // Each phase is timed with a steady clock; the report gives medians over the measured steps.
+//
+// The final phase, with and without compaction (measure_final_phase_cost): AdaLoRA masked, the
+// same AdaLoRA compacted to its kept triplets once the pattern is final (compaction.hpp), and the
+// same model with rank-0 adapters, which costs everything that does not depend on the rank (the
+// frozen base's forward and backward, the head, each adapter operation's fixed overhead). A
+// step's cost minus the rank-0 step's is the adapter's own cost; compaction should bring it
+// close to the kept fraction of the masked one's.
 
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <memory>
+#include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "adalora/adalora.hpp"
 #include "adalora/integrations/torch.hpp"
+#include "examples/transformer/compaction.hpp"
 #include "examples/transformer/model.hpp"
 #include "examples/transformer/peft_style_allocator.hpp"
 #include "examples/transformer/training.hpp"
@@ -36,6 +47,17 @@ struct step_cost_result {
   int budget = 0;
   std::int64_t initial_rank = 0, steps = 0, schedule_steps = 0;
   phase_times lora, lora_rinit, adalora, peft_style;
+};
+
+/// The final phase's cost at one budget (measure_final_phase_cost).
+struct final_phase_cost_result {
+  int budget = 0;
+  std::int64_t initial_rank = 0;  ///< per matrix
+  std::int64_t initial_total = 0, kept_total = 0;  ///< triplets over all matrices
+  std::int64_t steps = 0, untimed = 0;
+  phase_times rank0, masked, compacted;
+  double compaction_ms = 0;
+  double kept_fraction() const { return initial_total ? double(kept_total) / double(initial_total) : 0; }
 };
 
 inline double median(std::vector<double> v) {
@@ -201,6 +223,110 @@ inline step_cost_result measure_step_cost(const encoder& pretrained, const label
       }
     }
   }
+  return out;
+}
+
+/// The final phase at `budget`: `steps` timed steps of three models in turn on the same batch,
+/// after `untimed` steps that bring a short cubic schedule (warm-up a third of them, reduction to
+/// the end of them, then the final phase) to its force mask. `masked` and `compacted` start from
+/// the same adapters and see the same batches; `compacted` drops its pruned triplets at the force
+/// mask. The schedule is compressed so that the timed steps are all in the final phase: the kept
+/// pattern is not a full run's, its total is (the budget).
+inline final_phase_cost_result measure_final_phase_cost(const encoder& pretrained, const labelled_set& train,
+                                                        std::int64_t classes, int budget, std::int64_t steps,
+                                                        std::int64_t untimed, std::int64_t batch,
+                                                        const adalora_recipe& recipe) {
+  using clock = std::chrono::steady_clock;
+  const auto ms = [](clock::time_point a, clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+  };
+  final_phase_cost_result out;
+  out.budget = budget;
+  out.initial_rank = std::llround(recipe.initial_rank_factor * budget);
+  out.steps = steps;
+  out.untimed = untimed = std::max<std::int64_t>(untimed, 3 * recipe.delta_t);
+
+  struct arm {
+    std::shared_ptr<encoder> model;
+    torch::Tensor head_w, head_b;
+    std::vector<torch::Tensor> params;
+    std::unique_ptr<torch::optim::AdamW> optimizer;
+    adalora::adapter_set<float> set;
+    std::unique_ptr<adalora::rank_allocator<float>> allocator;
+    bool compact = false, compacted = false;
+    phase_times* times = nullptr;
+  };
+  const adalora::schedule_options schedule{
+      .target_budget = budget * std::int64_t(pretrained.config().layers) * std::int64_t(matrix_types().size()),
+      .total_step = untimed + 1 + steps,
+      .tinit = untimed / 3,
+      .tfinal = steps + 1,
+      .delta_t = recipe.delta_t};
+  const auto make = [&](std::int64_t r, bool with_allocator, bool compact, phase_times& times) {
+    auto a = std::make_unique<arm>();
+    a->model = std::make_shared<encoder>(pretrained);
+    a->model->set_base_trainable(false);
+    a->model->attach_adapters(adapter_kind::adalora, r, double(r), 42);
+    a->head_w = torch::zeros({classes, pretrained.config().width}).requires_grad_();
+    a->head_b = torch::zeros({classes}).requires_grad_();
+    a->params = {a->head_w, a->head_b};
+    for (adapted_linear* l : a->model->adapted())
+      for (auto& p : l->adapter_parameters()) a->params.push_back(p);
+    for (auto& p : a->params) p.mutable_grad() = torch::zeros_like(p);
+    a->optimizer = std::make_unique<torch::optim::AdamW>(a->params, torch::optim::AdamWOptions(1e-3));
+    for (adapted_linear* l : a->model->adapted()) adalora::add_torch_adapter(a->set, l->name, l->A, l->E, l->B);
+    if (with_allocator)
+      a->allocator = std::make_unique<adalora::rank_allocator<float>>(a->set, adalora::cubic_schedule(schedule));
+    a->compact = compact;
+    a->times = &times;
+    return a;
+  };
+  auto rank0 = make(0, false, false, out.rank0);
+  auto masked = make(out.initial_rank, true, false, out.masked);
+  auto compacted = make(out.initial_rank, true, true, out.compacted);
+  out.initial_total = masked->set.total_rank();
+  adalora::orthogonality_regularizer<float> orth({.weight = recipe.orth_weight});
+
+  std::mt19937_64 rng(9);
+  std::uniform_int_distribution<std::int64_t> pick(0, train.size() - 1);
+  for (std::int64_t t = 0; t < untimed + 1 + steps; ++t) {
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(batch));
+    for (auto& r : rows) r = pick(rng);
+    const auto [ids, labels] = batch_of(train, rows);
+    const bool timed = t > untimed;
+    const auto step = [&](arm& a) {
+      const auto t0 = clock::now();
+      torch::cross_entropy_loss(torch::linear(a.model->pooled(ids), a.head_w, a.head_b), labels).backward();
+      const auto t1 = clock::now();
+      orth.value_and_gradient(a.set);
+      const auto t2 = clock::now();
+      a.optimizer->step();
+      const auto t3 = clock::now();
+      if (a.allocator) a.allocator->step(t, a.set);
+      const auto t4 = clock::now();
+      if (a.compact && !a.compacted && a.allocator->pattern_final()) {
+        compact_adapters(a.model->adapted(), *a.allocator, a.set, *a.optimizer);
+        a.compacted = true;
+        out.compaction_ms = ms(t4, clock::now());
+        out.kept_total = a.allocator->total_rank();
+      }
+      for (auto& p : a.params) p.mutable_grad().zero_();
+      if (timed) {
+        a.times->forward_backward.push_back(ms(t0, t1));
+        a.times->regularizer.push_back(ms(t1, t2));
+        a.times->optimizer.push_back(ms(t2, t3));
+        a.times->allocator.push_back(ms(t3, t4));
+        a.times->total.push_back(ms(t0, t4));
+      }
+    };
+    // The two AdaLoRA models alternate which goes first, so neither always inherits the other's
+    // cache state.
+    step(*rank0);
+    if (t % 2) step(*masked), step(*compacted);
+    else step(*compacted), step(*masked);
+  }
+  if (!compacted->compacted)
+    throw std::logic_error("measure_final_phase_cost: the pattern never became final");
   return out;
 }
 

@@ -3,7 +3,9 @@
 // the ablation arms), with the same batches, AdamW, warm-up and classification head in every arm.
 // AdaLoRA goes through the library's libtorch integration: the adapters' tensors and their
 // .grad() are viewed once in an adapter_set, the regularizer adds its analytic gradient into
-// .grad() after backward(), and the allocator runs after optimizer.step() with t from 0.
+// .grad() after backward(), and the allocator runs after optimizer.step() with t from 0. With
+// compaction (run_config::compact) the adapters shrink to their kept triplets as soon as the
+// allocator's pattern is final (compaction.hpp) and train on at that rank.
 
 #include <torch/torch.h>
 
@@ -20,6 +22,7 @@
 
 #include "adalora/adalora.hpp"
 #include "adalora/integrations/torch.hpp"
+#include "examples/transformer/compaction.hpp"
 #include "examples/transformer/model.hpp"
 
 namespace transformer {
@@ -101,6 +104,8 @@ struct run_config {
   double weight_decay = 0.01;
   std::int64_t curve_points = 5;  ///< validation-subset evaluations along the run
   adalora_recipe ada;
+  /// AdaLoRA: drop the pruned triplets once the pattern is final (PEFT's force mask at T − tfinal).
+  bool compact = false;
 
   std::int64_t initial_rank() const {
     return kind == method::adalora ? std::int64_t(std::lround(ada.initial_rank_factor * budget))
@@ -109,7 +114,9 @@ struct run_config {
   std::string label() const {
     if (kind == method::full) return "full fine-tuning";
     if (kind == method::lora) return ranks.empty() ? "LoRA" : "LoRA at AdaLoRA's ranks";
-    if (kind == method::adalora) return "AdaLoRA";
+    if (kind == method::adalora)
+      return std::string("AdaLoRA") + (compact ? ", compacted" : "") +
+             (ada.orth_weight == 0 ? ", no orthogonality" : "");
     return "SVD form, no pruning";
   }
 };
@@ -125,6 +132,11 @@ struct run_result {
   std::shared_ptr<encoder> model;
   torch::Tensor head_w, head_b;
   std::optional<adalora::rank_pattern> pattern;
+  /// AdaLoRA: the step time (ms, median) after the first step of the final phase, and with
+  /// compaction the step that compacted and the ranks it left.
+  std::int64_t compacted_at = -1;
+  double final_phase_step_ms = 0;
+  std::vector<int> compacted_ranks;
 };
 
 inline void set_lr(torch::optim::Optimizer& opt, double lr) {
@@ -209,7 +221,10 @@ inline run_result fine_tune(const run_config& c, const encoder& pretrained, cons
   const std::int64_t warmup = std::max<std::int64_t>(1, std::llround(c.warmup * double(c.steps)));
   const std::int64_t curve_every = std::max<std::int64_t>(1, c.steps / std::max<std::int64_t>(1, c.curve_points));
 
+  const std::int64_t final_start = allocator ? allocator->schedule().final_phase_start() : -1;
+  std::vector<double> final_ms;
   for (std::int64_t t = 0; t < c.steps; ++t) {
+    const auto step_start = std::chrono::steady_clock::now();
     if (cursor + static_cast<std::size_t>(c.batch) > order.size()) {
       std::shuffle(order.begin(), order.end(), order_rng);
       cursor = 0;
@@ -226,8 +241,16 @@ inline run_result fine_tune(const run_config& c, const encoder& pretrained, cons
     if (svd_form) orth.value_and_gradient(set);  // adds ∂R/∂A, ∂R/∂B into .grad()
     optimizer.step();
     if (allocator) allocator->step(t, set);  // after the update, before the gradients are cleared
+    if (c.compact && allocator && result.compacted_at < 0 && allocator->pattern_final()) {
+      result.pattern = allocator->pattern();  // of the initial ranks: what PEFT's export names
+      const adalora::rank_change change = compact_adapters(model->adapted(), *allocator, set, optimizer);
+      for (const auto& m : change) result.compacted_ranks.push_back(int(m.new_rank()));
+      result.compacted_at = t;
+    }
     for (auto& p : params)
       if (p.grad().defined()) p.mutable_grad().zero_();  // in place: the set views them
+    if (final_start >= 0 && t > final_start)
+      final_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - step_start).count());
     if ((t + 1) % curve_every == 0 || t + 1 == c.steps)
       result.curve.emplace_back(t + 1, evaluate(*model, head_w, head_b, validation_subset).loss);
   }
@@ -247,7 +270,12 @@ inline run_result fine_tune(const run_config& c, const encoder& pretrained, cons
     result.trainable = head_w.numel() + head_b.numel();
     for (std::size_t i = 0; i < adapted.size(); ++i)
       result.trainable += std::int64_t(result.ranks[i]) * (adapted[i]->W.size(0) + adapted[i]->W.size(1) + 1);
-    result.pattern = allocator->pattern();
+    if (!result.pattern) result.pattern = allocator->pattern();
+    if (!final_ms.empty()) {
+      std::sort(final_ms.begin(), final_ms.end());
+      const std::size_t n = final_ms.size();
+      result.final_phase_step_ms = n % 2 ? final_ms[n / 2] : 0.5 * (final_ms[n / 2 - 1] + final_ms[n / 2]);
+    }
   }
   if (keep_model) {
     for (auto& p : params) p.mutable_grad() = torch::Tensor();

@@ -1,0 +1,46 @@
+#pragma once
+// The run the checkpoint tests share: four adapters (one of rank 0), b0 = 11 -> bT = 5, T = 30,
+// tinit = 5, tfinal = 7, delta_t = 3. Phases: warm-up t <= 5, reduction 5 < t <= 23 (masks at
+// multiples of 3), final t > 23. T - tfinal = 23 is not a multiple of 3, so PEFT force-masks there
+// and loralib does not (its first final-phase mask is at 24): the two semantics differ there.
+
+#include <cstdint>
+#include <vector>
+
+#include "adalora/budget_schedule.hpp"
+#include "adalora/importance/smoothed_sensitivity.hpp"
+#include "adalora/rank_allocator.hpp"
+
+namespace checkpoint_run {
+
+inline const std::vector<adalora::adapter_shape> run_shapes = {
+    {"layers.0.q", 6, 5, 4}, {"layers.0.v", 3, 7, 4}, {"layers.1.q", 5, 4, 3}, {"layers.1.v", 4, 4, 0}};
+inline constexpr std::int64_t total_steps = 32;  // runs past T into the final phase
+inline const adalora::schedule_options run_schedule = {.initial_budget = 11, .target_budget = 5,
+                                                       .total_step = 30, .tinit = 5, .tfinal = 7,
+                                                       .delta_t = 3};
+
+template <class T>
+using allocator_t = adalora::rank_allocator<T>;
+
+template <class T>
+allocator_t<T> make_allocator(adalora::allocator_options o = {}, unsigned threads = 1) {
+  o.threads = threads;
+  return allocator_t<T>(run_shapes, adalora::cubic_schedule(run_schedule),
+                        adalora::smoothed_sensitivity({.beta1 = 0.85, .beta2 = 0.85}), o);
+}
+
+/// A deterministic value in [-0.5, 0.5) from a few integers (splitmix64), so that gradients are
+/// a pure function of (step, adapter, tensor, index) and need no generator state to resume.
+inline double noise(std::uint64_t a, std::uint64_t b, std::uint64_t c, std::uint64_t d) {
+  std::uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) * 0xBF58476D1CE4E5B9ull ^
+                    (c + 1) * 0x94D049BB133111EBull ^ (d + 7) * 0xD6E8FEB86659FD93ull;
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return static_cast<double>(x >> 11) / static_cast<double>(std::uint64_t{1} << 53) - 0.5;
+}
+
+}  // namespace checkpoint_run
