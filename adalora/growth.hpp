@@ -150,13 +150,15 @@ struct saturation_growth {
     ADALORA_REQUIRE(per_adapter >= 1, where, "per_adapter must be >= 1, got ", per_adapter);
     ADALORA_REQUIRE(count >= 0, where, "count must be >= 0, got ", count);
     const std::size_t n = v.shapes.size();
+    // Scores are >= 0, so -inf (no kept triplet) ranks last.
     std::vector<double> weakest(n, -std::numeric_limits<double>::infinity());
-    for (std::size_t a = 0; a < n; ++a)
+    for (std::size_t a = 0; a < n; ++a) {
+      bool any = false;
+      double w = std::numeric_limits<double>::infinity();
       for (std::size_t i = 0; i < v.scores[a].size(); ++i)
-        if (v.kept[a][i])
-          weakest[a] = weakest[a] == -std::numeric_limits<double>::infinity()
-                           ? v.scores[a][i]
-                           : std::min(weakest[a], v.scores[a][i]);
+        if (v.kept[a][i]) any = true, w = std::min(w, v.scores[a][i]);
+      if (any) weakest[a] = w;
+    }
     std::vector<std::size_t> order(n);
     std::iota(order.begin(), order.end(), std::size_t{0});
     std::stable_sort(order.begin(), order.end(),
@@ -290,9 +292,8 @@ class rank_redistributor {
     // A rising budget reaches its target only in the final phase, where nothing can be added:
     // the last move before `stop` also adds what the schedule's target still misses.
     std::int64_t missing = r.missing;
-    if constexpr (requires { allocator.schedule().target_budget(); })
-      if (last_move(stop, allocator.schedule()))
-        missing = std::max(missing, allocator.schedule().target_budget() - allocator.total_rank());
+    if (last_move(stop, allocator.schedule()))
+      missing = std::max(missing, allocator.schedule().target_budget() - allocator.total_rank());
     const std::vector<index_t> add = policy_(view, dropped + static_cast<index_t>(missing));
     ADALORA_REQUIRE(add.size() == n, "rank_redistributor::step", "the growth policy must return one "
                     "count per adapter, ", n, ", got ", add.size());

@@ -211,7 +211,6 @@ class rank_allocator {
                         ? " (leave it at budget_from_adapters to have it set)"
                         : " (a schedule with `with_initial_budget(b0)` can have it set)");
 
-    initial_budget_ = b0;
     for (const adapter_shape& s : shapes_) initial_ranks_.push_back(s.rank);
     const auto n = static_cast<std::size_t>(b0);
     state_.assign(pass_.states().size(), T(0));
@@ -297,8 +296,9 @@ class rank_allocator {
 
   std::span<const adapter_shape> shapes() const noexcept { return shapes_; }
   std::size_t num_adapters() const noexcept { return shapes_.size(); }
-  /// The schedule's initial budget b0: the adapters' total rank at construction.
-  std::int64_t initial_budget() const noexcept { return initial_budget_; }
+  /// The schedule's initial budget b0: the adapters' total rank at construction (the
+  /// constructor made sure the two are equal).
+  std::int64_t initial_budget() const noexcept { return schedule_.initial_budget(); }
   /// The adapters' ranks at construction (they add up to initial_budget()); shapes() has the
   /// ranks now. Checkpoints keep both, to rebuild this allocator and reshape it.
   std::span<const index_t> initial_ranks() const noexcept { return initial_ranks_; }
@@ -784,7 +784,6 @@ class rank_allocator {
   std::vector<index_t> kept_;                // per adapter
   char describe_buffer_[256] = {};
   step_result<T> result_;
-  std::int64_t initial_budget_ = 0;
   std::vector<index_t> initial_ranks_;       // per adapter, at construction
   std::int64_t last_step_ = -1;
   bool force_masked_ = false;

@@ -622,16 +622,11 @@ class svd_adapter {
       set_rank(m.new_rank());
       return;
     }
-    svd_adapter grown(in_, out_, m.new_rank(), scale_);
-    remap(params_c(), m, grown.params());
-    remap(svd_adapter_ref<const T>(grads()), m, grown.grads());
+    // Growth moves elements to higher indices: remap from a copy of the old values.
+    const svd_adapter before = *this;
     set_rank(m.new_rank());
-    std::copy(grown.A_.begin(), grown.A_.end(), A_.begin());
-    std::copy(grown.E_.begin(), grown.E_.end(), E_.begin());
-    std::copy(grown.B_.begin(), grown.B_.end(), B_.begin());
-    std::copy(grown.dA_.begin(), grown.dA_.end(), dA_.begin());
-    std::copy(grown.dE_.begin(), grown.dE_.end(), dE_.begin());
-    std::copy(grown.dB_.begin(), grown.dB_.end(), dB_.begin());
+    remap(before.params(), m, params());
+    remap(before.grads(), m, grads());
   }
 
   /// Reserves memory for rank `capacity`, so that growth up to it keeps the tensors where they

@@ -98,40 +98,6 @@ struct model {
   }
 };
 
-template <class X>
-std::uint64_t bits(X x) {
-  if constexpr (sizeof(X) == 4) return std::bit_cast<std::uint32_t>(x);
-  else return std::bit_cast<std::uint64_t>(x);
-}
-
-/// Everything observable about an allocator, as bits: its ranks, resumable state and last result.
-template <class A>
-std::vector<std::uint64_t> snapshot(const A& alloc) {
-  std::vector<std::uint64_t> v;
-  for (const auto& s : alloc.shapes()) v.push_back(static_cast<std::uint64_t>(s.rank));
-  const auto s = alloc.resumable();
-  v.push_back(static_cast<std::uint64_t>(s.last_step));
-  v.push_back(s.force_masked);
-  for (auto x : s.metric_state) v.push_back(bits(x));
-  for (auto x : s.kept) v.push_back(x);
-  for (auto x : s.scores) v.push_back(bits(x));
-  const auto& r = *s.last;
-  for (auto x : {r.step, r.budget, r.prune_count, r.non_finite, r.missing, std::int64_t(r.kept_total)})
-    v.push_back(static_cast<std::uint64_t>(x));
-  for (bool b : {r.mask_due, r.importance_updated, r.forced, r.skipped}) v.push_back(b);
-  v.push_back(static_cast<std::uint64_t>(r.action));
-  v.push_back(bits(r.threshold));
-  for (auto k : r.kept) v.push_back(static_cast<std::uint64_t>(k));
-  return v;
-}
-
-std::ptrdiff_t first_difference(const std::vector<std::uint64_t>& a, const std::vector<std::uint64_t>& b) {
-  const auto n = std::min(a.size(), b.size());
-  for (std::size_t i = 0; i < n; ++i)
-    if (a[i] != b[i]) return static_cast<std::ptrdiff_t>(i);
-  return a.size() == b.size() ? -1 : static_cast<std::ptrdiff_t>(n);
-}
-
 /// What a run does to the rank besides stepping.
 struct plan {
   adalora::allocator_options options = {};

@@ -4,6 +4,9 @@
 // multiples of 3), final t > 23. T - tfinal = 23 is not a multiple of 3, so PEFT force-masks there
 // and loralib does not (its first final-phase mask is at 24): the two semantics differ there.
 
+#include <algorithm>
+#include <bit>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -41,6 +44,41 @@ inline double noise(std::uint64_t a, std::uint64_t b, std::uint64_t c, std::uint
   x *= 0x94D049BB133111EBull;
   x ^= x >> 31;
   return static_cast<double>(x >> 11) / static_cast<double>(std::uint64_t{1} << 53) - 0.5;
+}
+
+template <class X>
+std::uint64_t bits(X x) {
+  if constexpr (sizeof(X) == 4) return std::bit_cast<std::uint32_t>(x);
+  else return std::bit_cast<std::uint64_t>(x);
+}
+
+/// Everything observable about an allocator, as bits: its ranks, resumable state and last result.
+template <class A>
+std::vector<std::uint64_t> snapshot(const A& alloc) {
+  std::vector<std::uint64_t> v;
+  for (const auto& s : alloc.shapes()) v.push_back(static_cast<std::uint64_t>(s.rank));
+  const auto s = alloc.resumable();
+  v.push_back(static_cast<std::uint64_t>(s.last_step));
+  v.push_back(s.force_masked);
+  for (auto x : s.metric_state) v.push_back(bits(x));
+  for (auto x : s.kept) v.push_back(x);
+  for (auto x : s.scores) v.push_back(bits(x));
+  const auto& r = *s.last;
+  for (auto x : {r.step, r.budget, r.prune_count, r.non_finite, r.missing, std::int64_t(r.kept_total)})
+    v.push_back(static_cast<std::uint64_t>(x));
+  for (bool b : {r.mask_due, r.importance_updated, r.forced, r.skipped}) v.push_back(b);
+  v.push_back(static_cast<std::uint64_t>(r.action));
+  v.push_back(bits(r.threshold));
+  for (auto k : r.kept) v.push_back(static_cast<std::uint64_t>(k));
+  return v;
+}
+
+/// The first index where two snapshots (or traces) differ, -1 where they are equal.
+inline std::ptrdiff_t first_difference(const std::vector<std::uint64_t>& a, const std::vector<std::uint64_t>& b) {
+  const auto n = std::min(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i)
+    if (a[i] != b[i]) return static_cast<std::ptrdiff_t>(i);
+  return a.size() == b.size() ? -1 : static_cast<std::ptrdiff_t>(n);
 }
 
 }  // namespace checkpoint_run

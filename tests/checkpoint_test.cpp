@@ -102,30 +102,6 @@ struct model {
   }
 };
 
-template <class X>
-std::uint64_t bits(X x) {
-  if constexpr (sizeof(X) == 4) return std::bit_cast<std::uint32_t>(x);
-  else return std::bit_cast<std::uint64_t>(x);
-}
-
-/// Everything observable about an allocator, as bits: its resumable state and last result.
-template <class A>
-std::vector<std::uint64_t> snapshot(const A& alloc) {
-  const auto s = alloc.resumable();
-  std::vector<std::uint64_t> v = {bits(double(s.last_step)), s.force_masked ? 1u : 0u};
-  for (auto x : s.metric_state) v.push_back(bits(x));
-  for (auto x : s.kept) v.push_back(x);
-  for (auto x : s.scores) v.push_back(bits(x));
-  const auto& r = *s.last;
-  for (auto x : {r.step, r.budget, r.prune_count, r.non_finite, std::int64_t(r.kept_total)})
-    v.push_back(static_cast<std::uint64_t>(x));
-  for (bool b : {r.mask_due, r.importance_updated, r.forced, r.skipped}) v.push_back(b);
-  v.push_back(static_cast<std::uint64_t>(r.action));
-  v.push_back(bits(r.threshold));
-  for (auto k : r.kept) v.push_back(static_cast<std::uint64_t>(k));
-  return v;
-}
-
 /// Appends what step t did: the allocator's snapshot and every E value.
 template <class T, class A>
 void record(std::vector<std::uint64_t>& trace, const A& alloc, const model<T>& m) {
@@ -133,14 +109,6 @@ void record(std::vector<std::uint64_t>& trace, const A& alloc, const model<T>& m
   trace.insert(trace.end(), s.begin(), s.end());
   for (const auto& x : m.adapters)
     for (T e : x.E) trace.push_back(bits(e));
-}
-
-/// Index of the first difference, or -1.
-std::ptrdiff_t first_difference(const std::vector<std::uint64_t>& a, const std::vector<std::uint64_t>& b) {
-  const auto n = std::min(a.size(), b.size());
-  for (std::size_t i = 0; i < n; ++i)
-    if (a[i] != b[i]) return static_cast<std::ptrdiff_t>(i);
-  return a.size() == b.size() ? -1 : static_cast<std::ptrdiff_t>(n);
 }
 
 std::filesystem::path temp_dir(const std::string& name) {

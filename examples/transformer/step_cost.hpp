@@ -87,6 +87,37 @@ inline torch::Tensor peft_orthogonality(encoder& model) {
   return sum / double(n);
 }
 
+/// One timed model: a copy of the pre-trained encoder (frozen) with adapters of one kind and
+/// rank, a zero classifier head, and AdamW over the head and the adapters, whose gradients exist
+/// (zero) from the start so that every timed step does the same work.
+struct timed_model {
+  std::shared_ptr<encoder> model;
+  torch::Tensor head_w, head_b;
+  std::vector<torch::Tensor> params;
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+};
+
+inline timed_model make_timed_model(const encoder& pretrained, std::int64_t classes, adapter_kind kind,
+                                    std::int64_t r) {
+  timed_model a;
+  a.model = std::make_shared<encoder>(pretrained);
+  a.model->set_base_trainable(false);
+  a.model->attach_adapters(kind, r, double(r), 42);
+  a.head_w = torch::zeros({classes, pretrained.config().width}).requires_grad_();
+  a.head_b = torch::zeros({classes}).requires_grad_();
+  a.params = {a.head_w, a.head_b};
+  for (adapted_linear* l : a.model->adapted())
+    for (auto& p : l->adapter_parameters()) a.params.push_back(p);
+  for (auto& p : a.params) p.mutable_grad() = torch::zeros_like(p);
+  a.optimizer = std::make_unique<torch::optim::AdamW>(a.params, torch::optim::AdamWOptions(1e-3));
+  return a;
+}
+
+/// Milliseconds from a to b.
+inline double ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
 /// Runs `steps` alternating steps (after `warmup` untimed ones) of the four models at `budget`.
 /// The allocators follow a cubic schedule over `schedule_steps` steps with AdaLoRA's recipe, so
 /// the measured steps cover its warm-up and the start of its reduction (importance updated at
@@ -96,34 +127,15 @@ inline step_cost_result measure_step_cost(const encoder& pretrained, const label
                                           std::int64_t warmup, std::int64_t schedule_steps,
                                           std::int64_t batch, const adalora_recipe& recipe) {
   using clock = std::chrono::steady_clock;
-  const auto ms = [](clock::time_point a, clock::time_point b) {
-    return std::chrono::duration<double, std::milli>(b - a).count();
-  };
   step_cost_result out;
   out.budget = budget;
   out.initial_rank = std::llround(recipe.initial_rank_factor * budget);
   out.steps = steps;
   out.schedule_steps = schedule_steps;
 
-  struct arm {
-    std::shared_ptr<encoder> model;
-    torch::Tensor head_w, head_b;
-    std::vector<torch::Tensor> params;
-    std::unique_ptr<torch::optim::AdamW> optimizer;
-  };
+  using arm = timed_model;
   const auto make = [&](adapter_kind kind, std::int64_t r) {
-    arm a;
-    a.model = std::make_shared<encoder>(pretrained);
-    a.model->set_base_trainable(false);
-    a.model->attach_adapters(kind, r, double(r), 42);
-    a.head_w = torch::zeros({classes, pretrained.config().width}).requires_grad_();
-    a.head_b = torch::zeros({classes}).requires_grad_();
-    a.params = {a.head_w, a.head_b};
-    for (adapted_linear* l : a.model->adapted())
-      for (auto& p : l->adapter_parameters()) a.params.push_back(p);
-    for (auto& p : a.params) p.mutable_grad() = torch::zeros_like(p);
-    a.optimizer = std::make_unique<torch::optim::AdamW>(a.params, torch::optim::AdamWOptions(1e-3));
-    return a;
+    return make_timed_model(pretrained, classes, kind, r);
   };
   arm lora = make(adapter_kind::lora, budget);
   arm lora_rinit = make(adapter_kind::lora, out.initial_rank);
@@ -237,20 +249,13 @@ inline final_phase_cost_result measure_final_phase_cost(const encoder& pretraine
                                                         std::int64_t untimed, std::int64_t batch,
                                                         const adalora_recipe& recipe) {
   using clock = std::chrono::steady_clock;
-  const auto ms = [](clock::time_point a, clock::time_point b) {
-    return std::chrono::duration<double, std::milli>(b - a).count();
-  };
   final_phase_cost_result out;
   out.budget = budget;
   out.initial_rank = std::llround(recipe.initial_rank_factor * budget);
   out.steps = steps;
   out.untimed = untimed = std::max<std::int64_t>(untimed, 3 * recipe.delta_t);
 
-  struct arm {
-    std::shared_ptr<encoder> model;
-    torch::Tensor head_w, head_b;
-    std::vector<torch::Tensor> params;
-    std::unique_ptr<torch::optim::AdamW> optimizer;
+  struct arm : timed_model {
     adalora::adapter_set<float> set;
     std::unique_ptr<adalora::rank_allocator<float>> allocator;
     bool compact = false, compacted = false;
@@ -264,16 +269,7 @@ inline final_phase_cost_result measure_final_phase_cost(const encoder& pretraine
       .delta_t = recipe.delta_t};
   const auto make = [&](std::int64_t r, bool with_allocator, bool compact, phase_times& times) {
     auto a = std::make_unique<arm>();
-    a->model = std::make_shared<encoder>(pretrained);
-    a->model->set_base_trainable(false);
-    a->model->attach_adapters(adapter_kind::adalora, r, double(r), 42);
-    a->head_w = torch::zeros({classes, pretrained.config().width}).requires_grad_();
-    a->head_b = torch::zeros({classes}).requires_grad_();
-    a->params = {a->head_w, a->head_b};
-    for (adapted_linear* l : a->model->adapted())
-      for (auto& p : l->adapter_parameters()) a->params.push_back(p);
-    for (auto& p : a->params) p.mutable_grad() = torch::zeros_like(p);
-    a->optimizer = std::make_unique<torch::optim::AdamW>(a->params, torch::optim::AdamWOptions(1e-3));
+    static_cast<timed_model&>(*a) = make_timed_model(pretrained, classes, adapter_kind::adalora, r);
     for (adapted_linear* l : a->model->adapted()) adalora::add_torch_adapter(a->set, l->name, l->A, l->E, l->B);
     if (with_allocator)
       a->allocator = std::make_unique<adalora::rank_allocator<float>>(a->set, adalora::cubic_schedule(schedule));
