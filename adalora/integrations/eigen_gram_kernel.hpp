@@ -16,15 +16,21 @@
 //             row k of P): for Bᵀ that is B itself, read in place; A is transposed, 8 × 8
 //             values at a time in registers, into a staged chunk of many panels (stage_budget).
 //             Blocks from the diagonal's packet on only: about half the FLOPs of a GEMM.
-//             A with r <= 16: dot products along A's rows, in place (eigen_thin's dot blocks).
+//             A with r <= 16: dot products along A's rows, in place, over chunks of all rows
+//             (gram_along_rows).
 //   gradient  A:  G += s·D·A, chunks of A's columns staged as a strip (see rows_in_place:
 //                 4 KiB strides), G updated in place;
 //             Bᵀ: G_B += s·B·D with the rows of D as packets, B and G_B in place.
-// The blocks hold 8 packet accumulators (4 rows × 2 packets, or 8 rows × 1 packet where the
-// output is one packet wide), the independent FMA chains a core with two FMA pipes of latency
-// 4 needs. C and D live in scratch with the rank padded to whole packets (zeros beyond r), so
-// that no block needs a scalar edge there. (Software prefetch, of the next panel or chunk and
-// of the next factor, was tried and did not measurably help; staging A in long runs did.)
+// The blocks hold 12 packet accumulators where the output is three packets wide or more (4 rows
+// × 3 packets; 6 rows × 2 for Bᵀ's gradient, whose rows are many), else 8 (4 × 2, or 8 × 1 where
+// the output is one packet wide): a core with two FMA pipes of latency 4 needs 8 independent
+// chains, and 12 leave slack for the loads (7 or 8 per 12 FMAs against 6 per 8). Measured at
+// r = 64 in cache against 8 accumulators: the Gram 66/84 against 63/78 GFLOP/s (A/Bᵀ), the
+// gradient 92/101 against 87/99; the whole LLaMA r = 64 model 435 against 455 ms. C and D live
+// in scratch with the rank padded to whole packets (zeros beyond r), so that no block needs a
+// scalar edge there. (Software prefetch into L1 or L2, of the next panel, the next chunk of A's
+// rows, G's next rows or the next factor, was tried in two sessions and did not measurably
+// help; staging A in long runs and reading short rows in chunks did.)
 //
 // Per-call overhead is 0.1–0.3 µs at r = 12 (zeroing C, padding D), under 5% of the smallest
 // DeBERTa factor's time: batching factors of the same shape, which would amortise it, is not
@@ -123,11 +129,16 @@ inline void block_product(const Acc* x, index_t x_row, index_t x_step, const Acc
 }
 
 /// Calls f(MR, NR) (as integral constants) with the register block for outputs `width` values
-/// wide (a multiple of L): 4 rows × 2 packets, or 8 rows × 1 packet when one packet is all
-/// there is. Either way 8 accumulators.
-template <class Acc, class F>
+/// wide (a multiple of L): from three packets wide, 4 rows × 3 packets (Tall: 6 rows × 2, for a
+/// product over many rows); 4 × 2 where the output is two packets wide (6 × 2 measured slightly
+/// slower at r = 12), 8 × 1 where it is one. 12 accumulators, or 8 where the output is narrower.
+template <class Acc, bool Tall = false, class F>
 void with_block_shape(index_t width, F&& f) {
-  if (width >= 2 * lanes<Acc>)
+  if (Tall && width >= 3 * lanes<Acc>)
+    f(std::integral_constant<index_t, 6>{}, std::integral_constant<index_t, 2>{});
+  else if (width >= 3 * lanes<Acc>)
+    f(std::integral_constant<index_t, 4>{}, std::integral_constant<index_t, 3>{});
+  else if (width >= 2 * lanes<Acc>)
     f(std::integral_constant<index_t, 4>{}, std::integral_constant<index_t, 2>{});
   else
     f(std::integral_constant<index_t, 8>{}, std::integral_constant<index_t, 1>{});
@@ -157,7 +168,7 @@ void gram_update(const Acc* p, index_t ldp, index_t depth, index_t r, index_t rp
           }
       };
       for (; j0 + NR * L <= rp; j0 += NR * L) add(nr);
-      if (j0 < rp) add(std::integral_constant<index_t, 1>{});  // rp is a multiple of L
+      if (j0 < rp) with_size<NR>((rp - j0) / L, add);  // rp is a multiple of L
     }
   });
 }
@@ -173,7 +184,7 @@ void add_times_d(const Acc* x, index_t ldx, index_t depth, const Acc* d, index_t
   using P = packet<Acc>;
   constexpr index_t L = lanes<Acc>;
   const P ps = ei::pset1<P>(scale);
-  with_block_shape<Acc>(rp, [&](auto mr, auto nr) {
+  with_block_shape<Acc, true>(rp, [&](auto mr, auto nr) {
     constexpr index_t MR = decltype(mr)::value, NR = decltype(nr)::value;
     index_t k0 = 0;
     auto rows = [&](auto mb) {
@@ -206,7 +217,7 @@ void add_times_d(const Acc* x, index_t ldx, index_t depth, const Acc* d, index_t
           }
       };
       for (; i0 + NR * L <= rp; i0 += NR * L) one(nr);
-      if (i0 < rp) one(std::integral_constant<index_t, 1>{});
+      if (i0 < rp) with_size<NR>((rp - i0) / L, one);
     };
     for (; k0 + MR <= depth; k0 += MR) rows(mr);
     if (k0 < depth) with_size<MR>(depth - k0, rows);  // the last depth % MR rows
@@ -252,17 +263,7 @@ class eigen_gram_kernel {
     detail::eigen_kernels::dense<const T> md;
     index_t packed_from = 0;  // columns of M from here on go through a packed panel
     if (as_short_rows(m, md)) {
-      // A row-major M of few rows: dot products along its rows, in place (see the header).
-      for (index_t i0 = 0; i0 < r; i0 += 4) {
-        eg::with_size<4>(r - i0, [&](auto mi) {
-          for (index_t j0 = i0; j0 < r; j0 += 2)
-            eg::with_size<2>(r - j0, [&](auto nj) {
-              detail::eigen_thin::dot_block<decltype(mi)::value, decltype(nj)::value>(
-                  as_acc(md.data) + i0 * md.outer, md.outer, as_acc(md.data) + j0 * md.outer,
-                  md.outer, n, Acc(1), c + i0 * rp + j0, rp);
-            });
-        });
-      }
+      gram_along_rows(md, c, rp);
       packed_from = n;
     } else if (as_k_major(m, md) && (r == rp || md.outer == r)) {
       // M = Bᵀ of a row-major B: B's rows are the panel, read in place. The blocks read whole
@@ -338,6 +339,67 @@ class eigen_gram_kernel {
     else return nullptr;  // never called: as_short_rows and as_k_major are false then
   }
 
+  /// C (upper triangle) = M·Mᵀ for a row-major M of at most short_rows rows, as dot products
+  /// along its rows, read in place: blocks of 4 × 2 rows over chunks of a few KiB of all rows
+  /// (row_chunk_bytes), each (i, j) keeping one packet of lane sums in the stage between chunks,
+  /// reduced once at the end. Why chunks: a factor read from memory arrives through all of its
+  /// rows at once, the streams the hardware prefetcher runs ahead on; block by block over whole
+  /// rows it arrived two to four rows at a time. Measured at LLaMA r = 8 (n = 4096, from memory):
+  /// the Gram 22–23 against 17 GFLOP/s. Each lane's sum runs over k in order, as before.
+  void gram_along_rows(const detail::eigen_kernels::dense<const T>& md, Acc* c,
+                       index_t rp) noexcept {
+    namespace eg = detail::eigen_gram;
+    namespace ei = Eigen::internal;
+    constexpr index_t L = eg::lanes<Acc>;
+    const index_t r = md.rows, n = md.cols, ld = md.outer;
+    const Acc* const a = as_acc(md.data);
+    static_assert(short_rows * short_rows * L <= eg::stage_budget<Acc>);
+    Acc* const sums = stage_.data();  // packet of lane sums of (i, j) at (i · r + j) · L
+    std::fill(sums, sums + r * r * L, Acc(0));
+    const index_t body = n / L * L;
+    const index_t chunk =
+        std::max<index_t>(L, row_chunk_bytes / static_cast<index_t>(sizeof(Acc)) / r / L * L);
+    for (index_t k0 = 0; k0 < body; k0 += chunk) {
+      const index_t k1 = std::min(body, k0 + chunk);
+      for (index_t i0 = 0; i0 < r; i0 += 4)
+        eg::with_size<4>(r - i0, [&](auto mi) {
+          constexpr index_t MI = decltype(mi)::value;
+          for (index_t j0 = i0; j0 < r; j0 += 2)
+            eg::with_size<2>(r - j0, [&](auto nj) {
+              constexpr index_t CJ = decltype(nj)::value;
+              packet_t acc[MI][CJ];
+              for (index_t i = 0; i < MI; ++i)
+                for (index_t j = 0; j < CJ; ++j)
+                  acc[i][j] = ei::ploadu<packet_t>(sums + ((i0 + i) * r + j0 + j) * L);
+              for (index_t k = k0; k < k1; k += L) {
+                packet_t wk[CJ];
+                for (index_t j = 0; j < CJ; ++j)
+                  wk[j] = ei::ploadu<packet_t>(a + (j0 + j) * ld + k);
+                for (index_t i = 0; i < MI; ++i) {
+                  const packet_t xk = ei::ploadu<packet_t>(a + (i0 + i) * ld + k);
+                  for (index_t j = 0; j < CJ; ++j) acc[i][j] = ei::pmadd(xk, wk[j], acc[i][j]);
+                }
+              }
+              for (index_t i = 0; i < MI; ++i)
+                for (index_t j = 0; j < CJ; ++j)
+                  ei::pstoreu(sums + ((i0 + i) * r + j0 + j) * L, acc[i][j]);
+            });
+        });
+    }
+    for (index_t i = 0; i < r; ++i)
+      for (index_t j = i; j < r; ++j) {
+        Acc s = ei::predux(ei::ploadu<packet_t>(sums + (i * r + j) * L));
+        for (index_t k = body; k < n; ++k) s += a[i * ld + k] * a[j * ld + k];
+        c[i * rp + j] = s;
+      }
+  }
+
+  /// Bytes of all rows per chunk of gram_along_rows. From memory (LLaMA r = 8) 2–4 KiB measured
+  /// alike and best, 8 KiB and more lose the gain; a factor already in L1/L2 prefers longer
+  /// chunks (at DeBERTa r = 12 in L3 the Gram is about 8% slower than unchunked), and the models
+  /// that need speed do not fit in cache.
+  static constexpr index_t row_chunk_bytes = 4096;
+
   /// The largest rank whose row-major Gram runs as dot products along the rows.
   static constexpr index_t short_rows = 16;
 
@@ -362,9 +424,10 @@ class eigen_gram_kernel {
     }
   }
 
-  /// G += s · D · M for row-major M and G (T is Acc): blocks of 4 rows of D by 2 packets of
-  /// M's columns, over chunks of M's columns copied to a strip; the last n % L columns one at a
-  /// time. (Blocks of 8 rows by 1 packet, one block per column at r <= 8, measured slower.)
+  /// G += s · D · M for row-major M and G (T is Acc): blocks of 4 rows of D by 3 packets of
+  /// M's columns (then 2 or 1 for the chunk's last), over chunks of M's columns copied to a
+  /// strip; the last n % L columns one at a time. (Blocks of 8 rows by 1 packet, one block per
+  /// column at r <= 8, measured slower.)
   ///
   /// Why the strip, and rows outside columns within a chunk: a factor's rows lie n values apart,
   /// and for n a multiple of 1024 floats (4 KiB) all rows of M and of G share their low 12
@@ -413,8 +476,9 @@ class eigen_gram_kernel {
             for (index_t b = 0; b < N; ++b) ei::pstoreu(o + a * ldg + b * L, acc[a][b]);
         };
         index_t k = 0;
-        for (; k + 2 * L <= width; k += 2 * L) block(k, std::integral_constant<index_t, 2>{});
-        for (; k < width; k += L) block(k, std::integral_constant<index_t, 1>{});
+        for (; k + 3 * L <= width; k += 3 * L) block(k, std::integral_constant<index_t, 3>{});
+        if (k < width)
+          eg::with_size<2>((width - k) / L, [&](auto nb) { block(k, nb); });
       }
     }
     for (index_t k = body; k < n; ++k)
