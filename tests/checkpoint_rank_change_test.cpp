@@ -145,8 +145,6 @@ bytes_t file_bytes(const std::string& path) {
   return bytes_t(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-enum class via { bytes, stream, file_and_config };
-
 /// The plan's run straight, and again as k steps, save, load into a fresh allocator built with
 /// the original arguments, the rest: the two traces must agree bit for bit. Returns the ranks at
 /// the save.
@@ -168,20 +166,10 @@ std::vector<index_t> check_resume(const plan& p, std::int64_t k, via how) {
     run(p, first, m, 0, k, resumed);
     at_save = snapshot(first);
     ranks_at_save = m.ranks();
-    if (how == via::bytes) saved = adalora::checkpoint_bytes(first);
-    else if (how == via::stream) {
-      std::ostringstream out;
-      adalora::write_checkpoint(first, out);
-      const std::string s = out.str();
-      saved.assign(s.begin(), s.end());
-    } else adalora::save_checkpoint(first, path);
+    saved = save_via(how, first, path);
   }  // the first allocator is gone
   auto resume = [&](allocator_t<T>& second) {
-    if (how == via::bytes) adalora::load_checkpoint_bytes(second, saved);
-    else if (how == via::stream) {
-      std::istringstream in(std::string(saved.begin(), saved.end()));
-      adalora::read_checkpoint(second, in);
-    } else adalora::load_checkpoint(second, path);
+    load_via(how, second, saved, path);
     // Reshaped to the saved ranks (the model's), its ranks at construction unchanged.
     REQUIRE(first_difference(snapshot(second), at_save) == -1);
     REQUIRE(std::vector<index_t>(second.initial_ranks().begin(), second.initial_ranks().end()) == run_ranks);

@@ -8,10 +8,13 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "adalora/budget_schedule.hpp"
 #include "adalora/importance/smoothed_sensitivity.hpp"
+#include "adalora/io/checkpoint.hpp"
 #include "adalora/rank_allocator.hpp"
 
 namespace checkpoint_run {
@@ -79,6 +82,37 @@ inline std::ptrdiff_t first_difference(const std::vector<std::uint64_t>& a, cons
   for (std::size_t i = 0; i < n; ++i)
     if (a[i] != b[i]) return static_cast<std::ptrdiff_t>(i);
   return a.size() == b.size() ? -1 : static_cast<std::ptrdiff_t>(n);
+}
+
+/// How a resumed run gets its checkpoint across: as bytes, through a stream, or through a file
+/// (file_and_config: the second allocator is also built from the file's configuration).
+enum class via { bytes, file, file_and_config, stream };
+
+/// Saves `alloc` by `how`: returns the bytes (bytes, stream), or writes `path` and returns none.
+template <class A>
+std::vector<std::uint8_t> save_via(via how, const A& alloc, const std::string& path) {
+  if (how == via::bytes) return adalora::checkpoint_bytes(alloc);
+  if (how == via::stream) {
+    std::ostringstream out;
+    adalora::write_checkpoint(alloc, out);
+    const std::string s = out.str();
+    return std::vector<std::uint8_t>(s.begin(), s.end());
+  }
+  adalora::save_checkpoint(alloc, path);
+  return {};
+}
+
+/// Loads into `alloc` what save_via(how, ..., path) saved.
+template <class A>
+void load_via(via how, A& alloc, const std::vector<std::uint8_t>& saved, const std::string& path) {
+  if (how == via::bytes) {
+    adalora::load_checkpoint_bytes(alloc, saved);
+  } else if (how == via::stream) {
+    std::istringstream in(std::string(saved.begin(), saved.end()));
+    adalora::read_checkpoint(alloc, in);
+  } else {
+    adalora::load_checkpoint(alloc, path);
+  }
 }
 
 }  // namespace checkpoint_run

@@ -132,9 +132,6 @@ std::vector<std::string> dir_entries(const std::filesystem::path& dir) {
   return names;
 }
 
-/// How a resumed run gets its checkpoint across.
-enum class via { bytes, file, file_and_config, stream };
-
 /// Runs total_steps straight, and again as k steps, save, load into a fresh allocator (with
 /// `resume_threads` threads), the rest; the two traces must agree bit for bit.
 template <class T>
@@ -164,21 +161,11 @@ void check_resume(adalora::allocator_options o, std::int64_t k, via how, unsigne
       record(resumed, first, m);
     }
     at_save = snapshot(first);
-    if (how == via::bytes) saved = adalora::checkpoint_bytes(first);
-    else if (how == via::stream) {
-      std::ostringstream out;
-      adalora::write_checkpoint(first, out);
-      const std::string s = out.str();
-      saved.assign(s.begin(), s.end());
-    } else adalora::save_checkpoint(first, path);
+    saved = save_via(how, first, path);
   }  // the first allocator is gone: nothing but the checkpoint carries over
 
   auto resume = [&](allocator_t<T>& second) {
-    if (how == via::bytes) adalora::load_checkpoint_bytes(second, saved);
-    else if (how == via::stream) {
-      std::istringstream in(std::string(saved.begin(), saved.end()));
-      adalora::read_checkpoint(second, in);
-    } else adalora::load_checkpoint(second, path);
+    load_via(how, second, saved, path);
     REQUIRE(first_difference(snapshot(second), at_save) == -1);
     for (std::int64_t t = k; t < total_steps; ++t) {
       m.train_step(t);
