@@ -340,9 +340,9 @@ class eigen_gram_kernel {
   }
 
   /// C (upper triangle) = M·Mᵀ for a row-major M of at most short_rows rows, as dot products
-  /// along its rows, read in place: blocks of 4 × 2 rows over chunks of a few KiB of all rows
-  /// (row_chunk_bytes), each (i, j) keeping one packet of lane sums in the stage between chunks,
-  /// reduced once at the end. Why chunks: a factor read from memory arrives through all of its
+  /// along its rows, read in place: blocks of 4 × 2 rows (eigen_thin's dot_packets, the loop of
+  /// its dot_block) over chunks of a few KiB of all rows (row_chunk_bytes), each (i, j) keeping
+  /// one packet of lane sums in the stage between chunks, reduced once at the end. Why chunks: a factor read from memory arrives through all of its
   /// rows at once, the streams the hardware prefetcher runs ahead on; block by block over whole
   /// rows it arrived two to four rows at a time. Measured at LLaMA r = 8 (n = 4096, from memory):
   /// the Gram 22–23 against 17 GFLOP/s. Each lane's sum runs over k in order, as before.
@@ -371,15 +371,8 @@ class eigen_gram_kernel {
               for (index_t i = 0; i < MI; ++i)
                 for (index_t j = 0; j < CJ; ++j)
                   acc[i][j] = ei::ploadu<packet_t>(sums + ((i0 + i) * r + j0 + j) * L);
-              for (index_t k = k0; k < k1; k += L) {
-                packet_t wk[CJ];
-                for (index_t j = 0; j < CJ; ++j)
-                  wk[j] = ei::ploadu<packet_t>(a + (j0 + j) * ld + k);
-                for (index_t i = 0; i < MI; ++i) {
-                  const packet_t xk = ei::ploadu<packet_t>(a + (i0 + i) * ld + k);
-                  for (index_t j = 0; j < CJ; ++j) acc[i][j] = ei::pmadd(xk, wk[j], acc[i][j]);
-                }
-              }
+              detail::eigen_thin::dot_packets<MI, CJ>(a + i0 * ld, ld, a + j0 * ld, ld, k0, k1,
+                                                      acc);
               for (index_t i = 0; i < MI; ++i)
                 for (index_t j = 0; j < CJ; ++j)
                   ei::pstoreu(sums + ((i0 + i) * r + j0 + j) * L, acc[i][j]);

@@ -45,6 +45,23 @@ using eigen_kernels::lanes;
 using eigen_kernels::packet;
 using eigen_kernels::with_size;
 
+/// acc[i][j] += x_i[k, k + L) · w_j[k, k + L) lane by lane for k = k0, k0 + L, … < k1 (a multiple
+/// of L from k0), x_i = x + i · ldx, w_j = w + j · ldw: each lane a sequential sum over k.
+template <index_t MI, index_t CJ, class T>
+inline void dot_packets(const T* x, index_t ldx, const T* w, index_t ldw, index_t k0, index_t k1,
+                        packet<T> (&acc)[MI][CJ]) noexcept {
+  using P = packet<T>;
+  namespace ei = Eigen::internal;
+  for (index_t k = k0; k < k1; k += lanes<T>) {
+    P wk[CJ];
+    for (index_t j = 0; j < CJ; ++j) wk[j] = ei::ploadu<P>(w + j * ldw + k);
+    for (index_t i = 0; i < MI; ++i) {
+      const P xk = ei::ploadu<P>(x + i * ldx + k);
+      for (index_t j = 0; j < CJ; ++j) acc[i][j] = ei::pmadd(xk, wk[j], acc[i][j]);
+    }
+  }
+}
+
 /// h[i · r + j] = scale · Σ_k x_i[k] · w_j[k] for the MI rows x_i = x + i · ldx and the CJ rows
 /// w_j = w + j · ldw, over len.
 template <index_t MI, index_t CJ, class T>
@@ -57,14 +74,7 @@ void dot_block(const T* x, index_t ldx, const T* w, index_t ldw, index_t len, T 
   P acc[MI][CJ];
   for (index_t i = 0; i < MI; ++i)
     for (index_t j = 0; j < CJ; ++j) acc[i][j] = ei::pset1<P>(T(0));
-  for (index_t k = 0; k < body; k += L) {
-    P wk[CJ];
-    for (index_t j = 0; j < CJ; ++j) wk[j] = ei::ploadu<P>(w + j * ldw + k);
-    for (index_t i = 0; i < MI; ++i) {
-      const P xk = ei::ploadu<P>(x + i * ldx + k);
-      for (index_t j = 0; j < CJ; ++j) acc[i][j] = ei::pmadd(xk, wk[j], acc[i][j]);
-    }
-  }
+  dot_packets<MI, CJ>(x, ldx, w, ldw, 0, body, acc);
   for (index_t i = 0; i < MI; ++i)
     for (index_t j = 0; j < CJ; ++j) {
       T s = ei::predux(acc[i][j]);
